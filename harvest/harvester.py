@@ -1,0 +1,176 @@
+"""The harvest loop: packed contexts -> truncated forward with hooks -> whole shards -> commit.
+
+Batches always start at a shard boundary, so a resumed run feeds the model exactly the batches an
+uninterrupted run would, and the finished store is byte-identical.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from saepipe.harvest import hooks as hooklib
+from saepipe.harvest.config import HarvestConfig
+from saepipe.harvest.corpus import iter_texts, pack_contexts
+from saepipe.harvest.models import LoadedModel, load_model
+from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for
+from tqdm import tqdm
+
+from saepipe.errors import SaepipeError
+
+
+@dataclass(frozen=True)
+class HarvestResult:
+    path: str
+    n_contexts: int
+    n_tokens: int
+    """Tokens committed in the store (including BOS positions)."""
+    tokens_written_now: int
+    seconds: float
+    already_complete: bool
+
+
+def check_writable(out: str) -> None:
+    """Refuse an unusable --out before spending minutes loading a model."""
+    if _is_url(out):
+        return
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SaepipeError(f"--out {out} is an existing file; give a directory path for the store")
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+        raise SaepipeError(f"--out {out} is a non-empty directory that is not a store; choose a new path")
+    parent = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SaepipeError(
+            f"--out {out}: cannot write in {parent} (permission denied); choose a writable path"
+        )
+
+
+def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
+    """Everything that determines a store's bytes; a resume must match it exactly."""
+    tok = model.tokenizer
+    return {
+        "model": {
+            "name": cfg.model,
+            "fingerprint": model.fingerprint,
+            "d_model": model.d_model,
+            "n_layers": model.n_layers,
+            "dtype": cfg.model_dtype,
+        },
+        "tokenizer": {
+            "name": str(getattr(tok, "name_or_path", "")),
+            "vocab_size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        "dataset": {
+            "name": cfg.dataset,
+            "config": cfg.dataset_config,
+            "split": cfg.split,
+            "text_column": cfg.text_column,
+        },
+        "hooks": list(cfg.hooks),
+        "context_size": cfg.context_size,
+        "prepend_bos": cfg.prepend_bos,
+        "dtype": cfg.dtype,
+        "compression": cfg.compression,
+        "contexts_per_chunk": cfg.contexts_per_chunk,
+        "chunks_per_shard": cfg.chunks_per_shard,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "n_contexts_target": n_contexts_for(cfg.tokens, cfg.context_size),
+    }
+
+
+def _to_storage(x: torch.Tensor, dtype: str, hook: str, ctx0: int) -> np.ndarray:
+    if not torch.isfinite(x).all():
+        bad = int(torch.nonzero(~torch.isfinite(x).flatten(1).all(1))[0])
+        raise SaepipeError(
+            f"the model produced NaN/inf at hook {hook} in context {ctx0 + bad}; check the model weights"
+        )
+    y = x.to(torch.float16 if dtype == "float16" else torch.float32)
+    if not torch.isfinite(y).all():
+        bad = int(torch.nonzero(~torch.isfinite(y).flatten(1).all(1))[0])
+        raise SaepipeError(
+            f"activations at hook {hook} in context {ctx0 + bad} overflow {dtype}; rerun with --dtype float32 "
+            "into a new --out"
+        )
+    return y.cpu().numpy()
+
+
+@torch.inference_mode()
+def run_shard(
+    model: LoadedModel,
+    resolved: dict[str, str],
+    stop: int | None,
+    tokens: np.ndarray,
+    cfg: HarvestConfig,
+    ctx0: int,
+) -> dict[str, np.ndarray]:
+    """Activations of every hook for one shard's contexts, computed batch by batch from its start."""
+    device = next(model.bridge.original_model.parameters()).device
+    parts: dict[str, list[np.ndarray]] = {h: [] for h in resolved}
+    with hooklib.recording(model.bridge, resolved) as acts:
+        for b in range(0, len(tokens), cfg.batch_size):
+            batch = torch.from_numpy(tokens[b : b + cfg.batch_size]).long().to(device)
+            model.bridge(batch, return_type=None, stop_at_layer=stop)
+            for h in resolved:
+                parts[h].append(_to_storage(acts[h], cfg.dtype, h, ctx0 + b))
+    return {h: np.concatenate(p) for h, p in parts.items()}
+
+
+def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
+    """Harvest `cfg.tokens` tokens into `cfg.out`, resuming a store with the same settings."""
+    t0 = time.perf_counter()
+    check_writable(cfg.out)
+    model = load_model(cfg.model, cfg.device, cfg.model_dtype)
+    resolved = hooklib.resolve_hooks(model.bridge, cfg.hooks)
+    if cfg.context_size > model.n_ctx:
+        raise SaepipeError(
+            f"--context-size {cfg.context_size} exceeds the model's maximum of {model.n_ctx}; lower it"
+        )
+    stop = hooklib.stop_layer(cfg.hooks, model.n_layers)
+
+    contexts = pack_contexts(
+        iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column),
+        model.tokenizer,
+        cfg.context_size,
+        cfg.prepend_bos,
+    )
+    first = next(contexts, None)
+    if first is None:
+        raise SaepipeError(
+            f"--dataset {cfg.dataset} holds less text than one context of {cfg.context_size} tokens"
+        )
+    contexts = itertools.chain([first], contexts)
+
+    writer = StoreWriter(cfg.out, store_settings(cfg, model))
+    T = cfg.context_size
+    if writer.complete:
+        return HarvestResult(
+            cfg.out, writer.n_contexts, writer.n_contexts * T, 0, time.perf_counter() - t0, True
+        )
+    target = writer.settings["n_contexts_target"]
+    done0 = writer.n_contexts
+    contexts = itertools.islice(contexts, done0, target)  # skip what is committed (packing is deterministic)
+    bar = tqdm(
+        total=target * T, initial=done0 * T, unit="tok", unit_scale=True, desc="harvest", disable=not progress
+    )
+    first_pos = 1 if cfg.prepend_bos else 0
+    while writer.n_contexts < target:
+        start = writer.n_contexts
+        rows = list(itertools.islice(contexts, min(writer.shard_contexts, target - start)))
+        if not rows:
+            break  # the dataset ran out before the target
+        tokens = np.stack(rows)
+        writer.write_shard(start, tokens, run_shard(model, resolved, stop, tokens, cfg, start), first_pos)
+        bar.update(len(rows) * T)
+    bar.close()
+    writer.finish()
+    n = writer.n_contexts
+    return HarvestResult(cfg.out, n, n * T, (n - done0) * T, time.perf_counter() - t0, False)

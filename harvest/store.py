@@ -1,0 +1,326 @@
+"""The activation store: a Zarr v3 group that every later stage reads. This module is its contract.
+
+Layout (format `saepipe.activations`, schema version 1; see harvest/README.md for a reader without saepipe):
+
+    zarr.json                      group; attributes["saepipe"] holds the metadata below
+    tokens                         int32  [n_contexts_target, context_size]
+    activations/<hook name>        dtype  [n_contexts_target, context_size, d_model], one array per hook
+
+Every array is chunked along contexts only (`contexts_per_chunk` contexts a chunk) and stored with the
+sharding codec (`chunks_per_shard` chunks a shard file); each chunk carries a crc32c checksum so a flipped
+byte is caught on read. Row i of `tokens` and of every activation array is the same context, so every
+activation has its address (context, position) on one grid.
+
+Metadata (`attributes["saepipe"]`): `format`, `schema_version`, `settings` (everything that determines the
+bytes: model name/fingerprint/d_model/n_layers/dtype, tokenizer, dataset, hooks, context_size,
+prepend_bos, dtype, chunking, seed, n_contexts_target), and progress: `n_contexts` (how many leading
+contexts are committed; readers trust only this prefix), `complete`, and `stats` per hook over committed
+non-BOS positions (`count`, `mean` [d_model], `mean_sq_norm`).
+
+Writes are whole shards, each followed by a metadata commit, so a killed writer leaves a store that claims
+no more than it holds and resumes at the first uncommitted shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from saepipe.errors import SaepipeError
+
+FORMAT = "saepipe.activations"
+SCHEMA_VERSION = 1
+ACTS = "activations"
+
+
+@dataclass(frozen=True)
+class HookStats:
+    """Running statistics of one hook over committed non-BOS positions."""
+
+    count: int
+    mean: np.ndarray  # [d_model] float64
+    mean_sq_norm: float
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _open_group(path: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    opts = {"storage_options": storage_options} if (storage_options and _is_url(path)) else {}
+    return zarr.open_group(store=path, mode=mode, zarr_format=3, **opts)
+
+
+def store_exists(path: str, storage_options: dict | None = None) -> bool:
+    try:
+        group = _open_group(path, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError, ValueError):
+        return False
+    return "saepipe" in group.attrs
+
+
+class ActivationStore:
+    """Read access to a store: metadata, committed contexts, activations, statistics."""
+
+    def __init__(self, path: str, storage_options: dict | None = None, allow_incomplete: bool = False):
+        self.path = path
+        try:
+            self.group = _open_group(path, "r", storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            raise SaepipeError(
+                f"no activation store at {path}; run `saepipe harvest --out {path}` first"
+            ) from None
+        except (ValueError, KeyError) as e:
+            raise SaepipeError(
+                f"{path} is not a readable Zarr v3 group ({e}); give a saepipe store"
+            ) from None
+        meta = dict(self.group.attrs).get("saepipe")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise SaepipeError(
+                f"{path} is a Zarr group but not a saepipe activation store (no saepipe metadata)"
+            )
+        version = meta.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise SaepipeError(
+                f"store {path} has schema version {version}, newer than this saepipe reads ({SCHEMA_VERSION}); "
+                "upgrade saepipe"
+            )
+        if not meta["complete"] and not allow_incomplete:
+            raise SaepipeError(
+                f"store {path} is incomplete ({meta['n_contexts']} of {meta['settings']['n_contexts_target']} "
+                "contexts); rerun the same harvest command to finish it"
+            )
+        self.meta: dict[str, Any] = meta
+        self.settings: dict[str, Any] = meta["settings"]
+
+    @property
+    def n_contexts(self) -> int:
+        """Committed contexts (the only ones a reader may use)."""
+        return int(self.meta["n_contexts"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta["complete"])
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.settings["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.settings["model"]["d_model"])
+
+    @property
+    def context_size(self) -> int:
+        return int(self.settings["context_size"])
+
+    @property
+    def contexts_per_chunk(self) -> int:
+        return int(self.settings["contexts_per_chunk"])
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_contexts * self.context_size
+
+    def refresh(self) -> None:
+        """Re-read the metadata (to follow a store that is still being written)."""
+        self.group = _open_group(self.path, "r")
+        self.meta = dict(self.group.attrs)["saepipe"]
+
+    def _array(self, hook: str) -> zarr.Array:
+        if hook not in self.hooks:
+            raise SaepipeError(f"store {self.path} has no hook {hook!r}; it holds: {', '.join(self.hooks)}")
+        return self.group[f"{ACTS}/{hook}"]
+
+    def _check(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.n_contexts:
+            raise IndexError(f"contexts [{start}, {stop}) outside the committed [0, {self.n_contexts})")
+
+    def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Token ids [stop - start, context_size] int32."""
+        stop = self.n_contexts if stop is None else stop
+        self._check(start, stop)
+        return self.group["tokens"][start:stop]
+
+    def activations(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Activations [stop - start, context_size, d_model] in the store's dtype."""
+        stop = self.n_contexts if stop is None else stop
+        self._check(start, stop)
+        arr = self._array(hook)
+        try:
+            return arr[start:stop]
+        except Exception as e:  # zarr surfaces checksum and decode failures under several types
+            raise SaepipeError(
+                f"store {self.path}: damaged data in {ACTS}/{hook} contexts [{start}, {stop}) ({e}); "
+                "re-harvest into a new store"
+            ) from None
+
+    def chunk_bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) context ranges of the committed chunks, the unit a loader reads and shuffles."""
+        c = self.contexts_per_chunk
+        return [(s, min(s + c, self.n_contexts)) for s in range(0, self.n_contexts, c)]
+
+    def stats(self, hook: str) -> HookStats:
+        self._array(hook)
+        s = self.meta["stats"][hook]
+        return HookStats(int(s["count"]), np.asarray(s["mean"], dtype=np.float64), float(s["mean_sq_norm"]))
+
+    def iter_token_rows(self, hook: str, drop_bos: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Chunk by chunk in order: (activations [n, d_model], addresses [n, 2] = (context, position))."""
+        skip_bos = drop_bos and bool(self.settings["prepend_bos"])
+        first = 1 if skip_bos else 0
+        T = self.context_size
+        for start, stop in self.chunk_bounds():
+            acts = self.activations(hook, start, stop)[:, first:]
+            ctx, pos = np.meshgrid(np.arange(start, stop), np.arange(first, T), indexing="ij")
+            yield acts.reshape(-1, acts.shape[-1]), np.stack([ctx.ravel(), pos.ravel()], axis=1)
+
+
+def open_store(
+    path: str, storage_options: dict | None = None, allow_incomplete: bool = False
+) -> ActivationStore:
+    """Open a store for reading; refuses an incomplete store unless `allow_incomplete`."""
+    return ActivationStore(path, storage_options, allow_incomplete)
+
+
+class StoreWriter:
+    """Creates a store or resumes one with identical settings; writes and commits whole shards."""
+
+    def __init__(self, path: str, settings: dict[str, Any], storage_options: dict | None = None):
+        self.path = path
+        self.settings = settings
+        if store_exists(path, storage_options):
+            self.group = _open_group(path, "r+", storage_options)
+            meta = dict(self.group.attrs)["saepipe"]
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise SaepipeError(
+                    f"store {path} has schema version {meta.get('schema_version')}; this saepipe writes "
+                    f"{SCHEMA_VERSION}; harvest into a new --out"
+                )
+            _refuse_different(path, meta["settings"], settings)
+            self.meta = meta
+        else:
+            self.group = _open_group(path, "w", storage_options)
+            self.meta = self._create()
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.meta["n_contexts"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta["complete"])
+
+    @property
+    def shard_contexts(self) -> int:
+        return self.settings["contexts_per_chunk"] * self.settings["chunks_per_shard"]
+
+    def _create(self) -> dict[str, Any]:
+        s = self.settings
+        n, T, D = s["n_contexts_target"], s["context_size"], s["model"]["d_model"]
+        c, shard = s["contexts_per_chunk"], self.shard_contexts
+        compressors: list[Any] = [ZstdCodec(level=3)] if s["compression"] == "zstd" else []
+        compressors.append(Crc32cCodec())  # per-chunk checksum: corruption is an error, never data
+        common = {"compressors": compressors, "fill_value": 0, "overwrite": True}
+        self.group.create_array(
+            "tokens", shape=(n, T), chunks=(c, T), shards=(shard, T), dtype="int32", **common
+        )
+        acts = self.group.create_group(ACTS)
+        for hook in s["hooks"]:
+            acts.create_array(
+                hook, shape=(n, T, D), chunks=(c, T, D), shards=(shard, T, D), dtype=s["dtype"], **common
+            )
+        zero = {"count": 0, "mean": [0.0] * D, "mean_sq_norm": 0.0}
+        meta = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "settings": s,
+            "n_contexts": 0,
+            "complete": False,
+            "stats": {h: dict(zero) for h in s["hooks"]},
+        }
+        self.group.update_attributes({"saepipe": meta})
+        return meta
+
+    def write_shard(
+        self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray], first_pos: int
+    ) -> None:
+        """Write contexts [start, start + len(tokens)) and commit them with updated statistics.
+
+        `start` must be the committed count (shards are written in order); `first_pos` is the first
+        position counted in the statistics (1 when position 0 is BOS).
+        """
+        if start != self.n_contexts or start % self.shard_contexts:
+            raise ValueError(f"shard start {start} is not the commit point {self.n_contexts}")
+        stop = start + len(tokens)
+        self.group["tokens"][start:stop] = tokens
+        stats = self.meta["stats"]
+        for hook, a in acts.items():
+            self.group[f"{ACTS}/{hook}"][start:stop] = a
+            stats[hook] = _merge_stats(stats[hook], a[:, first_pos:])
+        self.meta["n_contexts"] = stop
+        self.group.update_attributes({"saepipe": self.meta})  # the commit: written last, atomically
+
+    def finish(self) -> None:
+        """Shrink the arrays to what was committed (the dataset may run out early) and mark complete."""
+        n = self.n_contexts
+        if n != self.settings["n_contexts_target"]:
+            self.group["tokens"].resize((n, self.settings["context_size"]))
+            for hook in self.settings["hooks"]:
+                arr = self.group[f"{ACTS}/{hook}"]
+                arr.resize((n, *arr.shape[1:]))
+        self.meta["complete"] = True
+        self.group.update_attributes({"saepipe": self.meta})
+
+
+def _merge_stats(old: dict, acts: np.ndarray) -> dict:
+    """Fold a block of activations [..., d] into running float64 mean and mean squared norm."""
+    x = acts.reshape(-1, acts.shape[-1]).astype(np.float64)
+    n_old, n_new = int(old["count"]), x.shape[0]
+    total = n_old + n_new
+    if n_new == 0:
+        return old
+    mean = np.asarray(old["mean"], dtype=np.float64)
+    mean = mean + (x.sum(axis=0) - n_new * mean) / total
+    msq = old["mean_sq_norm"] + (float((x * x).sum()) - n_new * old["mean_sq_norm"]) / total
+    return {"count": total, "mean": mean.tolist(), "mean_sq_norm": msq}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _refuse_different(path: str, have: dict, want: dict) -> None:
+    have, want = _flat(have), _flat(want)
+    for key in sorted(set(have) | set(want)):
+        if have.get(key) != want.get(key):
+            raise SaepipeError(
+                f"store {path} was harvested with {key}={_short(have.get(key))}, not {_short(want.get(key))}; "
+                "rerun with the store's settings to resume it, or choose a new --out"
+            )
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def n_contexts_for(tokens: int, context_size: int) -> int:
+    return max(1, math.ceil(tokens / context_size))
+
+
+def disk_bytes(path: str, storage_options: dict | None = None) -> int:
+    """Bytes the store occupies (local path or fsspec URL)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    return int(sum(fs.du(root, total=False).values())) if fs.exists(root) else 0

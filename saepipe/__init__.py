@@ -1,0 +1,8 @@
+"""saepipe: harvest activations into Zarr v3 stores, train SAEs on them, analyze what width does.
+
+The three stages live in `saepipe.harvest`, `saepipe.train` and `saepipe.analyze` (folders `harvest/`,
+`train/`, `analyze/` at the repo root); this package holds only what all of them share: the user-error
+type, the config base class and the one CLI.
+"""
+
+__version__ = "0.1.0"

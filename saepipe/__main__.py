@@ -1,0 +1,3 @@
+from saepipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The `saepipe` command: one subcommand per stage, flags generated from each stage's config model.
+
+User mistakes (`SaepipeError`) are printed here as one line on stderr with exit code 2; anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+
+from saepipe.config import Command, add_config_args, config_from_args
+from saepipe.errors import SaepipeError
+
+STAGES = ("harvest", "train", "analyze")
+
+
+def _load(ref: str) -> Callable:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def commands() -> dict[str, Command]:
+    """Every stage contributes its subcommands through `saepipe.<stage>.commands.COMMANDS`."""
+    found: dict[str, Command] = {}
+    for stage in STAGES:
+        try:
+            module = importlib.import_module(f"saepipe.{stage}.commands")
+        except ModuleNotFoundError as e:
+            if e.name != f"saepipe.{stage}.commands":
+                raise
+            continue
+        found.update(module.COMMANDS)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saepipe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in commands().items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        add_config_args(p, _load(cmd.config))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cmd = commands()[args.command]
+    try:
+        cfg = config_from_args(_load(cmd.config), args)
+        return int(_load(cmd.run)(cfg) or 0)
+    except SaepipeError as e:
+        print(f"saepipe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"saepipe {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
