@@ -8,4 +8,9 @@ COMMANDS = {
         "saepipe.harvest.config:HarvestConfig",
         "saepipe.harvest.cli:run",
     ),
+    "synth": Command(
+        "generate synthetic activations with known ground-truth features into an ordinary store",
+        "saepipe.harvest.synthetic:SynthConfig",
+        "saepipe.harvest.synthetic:run",
+    ),
 }

@@ -36,19 +36,23 @@ def commands() -> dict[str, Command]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser; only the chosen command's config is imported, so `saepipe --help` stays fast."""
     parser = argparse.ArgumentParser(prog="saepipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in commands().items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        add_config_args(p, _load(cmd.config))
+        if name == command:
+            add_config_args(p, _load(cmd.config))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cmd = commands()[args.command]
+    argv = sys.argv[1:] if argv is None else argv
+    known = commands()
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in known else None).parse_args(argv)
+    cmd = known[args.command]
     try:
         cfg = config_from_args(_load(cmd.config), args)
         return int(_load(cmd.run)(cfg) or 0)

@@ -1,0 +1,26 @@
+"""The analyze stage's `saepipe` subcommands."""
+
+from saepipe.config import Command
+
+COMMANDS = {
+    "analyze": Command(
+        "stream a store through a trained SAE: top contexts, statistics, ranking, dashboard",
+        "saepipe.analyze.config:AnalyzeConfig",
+        "saepipe.analyze.cli:run",
+    ),
+    "evaluate": Command(
+        "splice an SAE into its model and report loss recovered, KL, FVU, L0 on held-out text",
+        "saepipe.analyze.config:EvaluateConfig",
+        "saepipe.analyze.cli:run_evaluate",
+    ),
+    "recovery": Command(
+        "score an SAE trained on synthetic data against the true features, by feature frequency",
+        "saepipe.analyze.recovery:RecoveryConfig",
+        "saepipe.analyze.recovery:run",
+    ),
+    "splitting": Command(
+        "build split trees across a width ladder of SAEs and the sparsity-reconstruction frontier",
+        "saepipe.analyze.splitting:SplittingConfig",
+        "saepipe.analyze.splitting:run",
+    ),
+}
