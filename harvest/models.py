@@ -85,8 +85,10 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     out = saepipe_home() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").exists():
         return out
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -131,6 +133,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def load_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
     """Boot `name` as a TransformerBridge in eval mode on `device`."""
+    import transformers
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
@@ -138,6 +141,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
     local = local_checkpoint(name)
     source = str(local) if local is not None else name
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,6 +206,7 @@ class StoreWriter:
                 )
             _refuse_different(path, meta["settings"], settings)
             self.meta = meta
+            _remove_partials(path)
         else:
             self.group = _open_group(path, "w", storage_options)
             self.meta = self._create()
@@ -277,6 +279,13 @@ class StoreWriter:
                 arr.resize((n, *arr.shape[1:]))
         self.meta["complete"] = True
         self.group.update_attributes({"saepipe": self.meta})
+
+
+def _remove_partials(path: str) -> None:
+    """Drop temp files a killed local write left behind (zarr writes `*.partial`, then renames)."""
+    if not _is_url(path):
+        for p in Path(path).rglob("*.partial"):
+            p.unlink(missing_ok=True)
 
 
 def _merge_stats(old: dict, acts: np.ndarray) -> dict:

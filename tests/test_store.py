@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import zarr
+
 from saepipe.harvest import open_store
 from saepipe.harvest.store import FORMAT, SCHEMA_VERSION
 
