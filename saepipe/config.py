@@ -60,7 +60,7 @@ def add_config_args(parser: argparse.ArgumentParser, model: type[StageConfig]) -
             kwargs["action"] = argparse.BooleanOptionalAction
         elif origin is list:
             (item,) = get_args(ann) or (str,)
-            kwargs.update(action="append", type=_scalar(item))
+            kwargs.update(action="extend", nargs="+", type=_scalar(item))
         elif origin is Literal:
             choices = get_args(ann)
             kwargs.update(choices=choices, type=type(choices[0]))
