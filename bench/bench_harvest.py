@@ -33,12 +33,18 @@ def bare_forward(cfg: HarvestConfig) -> float:
     stop = hooklib.stop_layer(cfg.hooks, model.n_layers)
     texts = iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column)
     n = -(-cfg.tokens // cfg.context_size)
-    tokens = np.stack(list(itertools.islice(pack_contexts(texts, model.tokenizer, cfg.context_size, True), n)))
+    tokens = np.stack(
+        list(itertools.islice(pack_contexts(texts, model.tokenizer, cfg.context_size, True), n))
+    )
     device = next(model.bridge.original_model.parameters()).device
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(tokens), cfg.batch_size):
-            model.bridge(torch.from_numpy(tokens[b : b + cfg.batch_size]).long().to(device), return_type=None, stop_at_layer=stop)
+            model.bridge(
+                torch.from_numpy(tokens[b : b + cfg.batch_size]).long().to(device),
+                return_type=None,
+                stop_at_layer=stop,
+            )
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(tokens) * cfg.context_size / (time.perf_counter() - t0)
@@ -60,7 +66,9 @@ def main() -> None:
     per_token = disk_bytes(cfg.out) / res.n_tokens
     ideal = 576 * 2
     shutil.rmtree(tmp)
-    print(f"bare forward: {bare:,.0f} tok/s; harvest: {rate:,.0f} tok/s; ratio {rate / bare:.3f} (target >= 0.95)")
+    print(
+        f"bare forward: {bare:,.0f} tok/s; harvest: {rate:,.0f} tok/s; ratio {rate / bare:.3f} (target >= 0.95)"
+    )
     print(f"disk: {per_token:,.1f} bytes/token vs d_model x itemsize = {ideal} ({per_token / ideal:.3f}x)")
     append_result(
         "harvest overhead",

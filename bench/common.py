@@ -10,10 +10,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = (
-    "| date | benchmark | setting | figures | ratio | device | torch |\n"
-    "|---|---|---|---|---|---|---|\n"
-)
+HEADER = "| date | benchmark | setting | figures | ratio | device | torch |\n|---|---|---|---|---|---|---|\n"
 
 
 def machine(device: str = "auto") -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import numpy as np
 from saepipe.errors import SaepipeError
 from saepipe.harvest.models import saepipe_home
 from saepipe.harvest.store import ACTS, _open_group, open_store, store_exists
+
+_ENTRY = re.compile(r"[0-9a-f]{20}-[0-9]+")
 
 
 def cache_root(configured: str | None = None) -> str:
@@ -41,7 +44,8 @@ def _entries(root: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(_join(root, "stores"))
     if not fs.exists(path):
         return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return sorted(n for n in names if _ENTRY.fullmatch(n))  # not the `.lock` files beside the stores
 
 
 def safe_name(name: str) -> str:

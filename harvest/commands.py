@@ -8,6 +8,11 @@ COMMANDS = {
         "saepipe.harvest.config:HarvestConfig",
         "saepipe.harvest.cli:run",
     ),
+    "cache": Command(
+        "list, inspect, verify or remove the activation stores in a cache",
+        "saepipe.harvest.cache_cli:CacheConfig",
+        "saepipe.harvest.cache_cli:run",
+    ),
     "synth": Command(
         "generate synthetic activations with known ground-truth features into an ordinary store",
         "saepipe.harvest.synthetic:SynthConfig",

@@ -149,6 +149,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         )
     settings = store_settings(cfg, model)
     out = cfg.out if cfg.out is not None else locate(cache_root(cfg.cache), settings)
+    if cfg.out is None and store_exists(out) and (found := open_store(out, allow_incomplete=True)).complete:
+        return HarvestResult(out, found.n_contexts, found.n_tokens, 0, 0.0, True)  # a cached store serves it
     check_writable(out)
     said = False
     while True:

@@ -2,7 +2,8 @@
 
 The lock is created with an exclusive create (`O_EXCL` locally, `If-None-Match: *` on S3), holds the
 owner and a heartbeat time, and is refreshed while the writer works. A lock whose heartbeat is older than
-`stale_after` seconds belonged to a writer that died; the next writer breaks it and resumes the store.
+`stale_after` seconds, or whose owner was a process on this host that is gone, belonged to a writer that
+died; the next writer breaks it and resumes the store.
 """
 
 from __future__ import annotations
@@ -18,6 +19,21 @@ from typing import Any
 import fsspec
 
 from saepipe.errors import SaepipeError
+
+
+def _dead_here(owner: str) -> bool:
+    """A lock from a process on this host that no longer runs (killed -9): no need to wait it out."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class LeaseHeld(Exception):
@@ -64,7 +80,8 @@ class Lease:
         if self._try_create():
             return self._start()
         held = self.read()
-        if held is not None and time.time() - float(held.get("heartbeat", 0)) < self.stale_after:
+        fresh = held is not None and time.time() - float(held.get("heartbeat", 0)) < self.stale_after
+        if held is not None and fresh and not _dead_here(str(held.get("owner", ""))):
             raise LeaseHeld(held.get("owner", "?"))
         # Stale (its writer died): break it. The exclusive create below still lets only one taker win.
         self.fs.rm_file(self.path)

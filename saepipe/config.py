@@ -66,6 +66,11 @@ def add_config_args(parser: argparse.ArgumentParser, model: type[StageConfig]) -
             kwargs.update(choices=choices, type=type(choices[0]))
         else:
             kwargs["type"] = _scalar(ann)
+        if (field.json_schema_extra or {}).get("positional"):
+            kwargs.pop("dest")
+            kwargs["nargs"] = None if field.is_required() else "?"
+            parser.add_argument(name, metavar=name.upper(), **kwargs)
+            continue
         if field.is_required():
             kwargs["required"] = True
         parser.add_argument(_flag(name, field), **kwargs)
@@ -97,10 +102,10 @@ def describe_validation_error(e: ValidationError, where: str, model: type[StageC
     loc = ".".join(str(p) for p in err["loc"]) or "(config)"
     field = model.model_fields.get(str(err["loc"][0])) if err["loc"] else None
     shown = _flag(str(err["loc"][0]), field) if (field is not None and where == "command line") else loc
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = f"unknown field; valid fields are: {', '.join(model.model_fields)}"
     elif err["type"] == "missing":
         msg = "is required"
     more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
-    return f"{where}: {shown}: {msg}{more}"
+    return f"{where}: {shown}: {msg}{more}" if err["loc"] else f"{where}: {msg}{more}"

@@ -26,7 +26,9 @@ def _cfg(out: str, model, corpus, tokens: int = 24 * 32) -> HarvestConfig:
 
 
 class TestBackend:
-    def test_harvest_then_read_equals_local_reference(self, store_root, tiny_store, tiny_model_dir, small_corpus):
+    def test_harvest_then_read_equals_local_reference(
+        self, store_root, tiny_store, tiny_model_dir, small_corpus
+    ):
         out = f"{store_root}/store"
         harvest(_cfg(out, tiny_model_dir, small_corpus), progress=False)
         got, ref = open_store(out), open_store(str(tiny_store))

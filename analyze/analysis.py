@@ -1,0 +1,101 @@
+"""`saepipe analyze`: stream a store through an SAE and write the report (tables, arrays, dashboard).
+
+    saepipe analyze --sae runs/sae --store stores/smollm2 --out reports/sae [--top-k 20] [--tokens N]
+
+Steps: open the SAE (saepipe.train.load_sae) and its store; one streaming pass for the statistics
+(saepipe.analyze.stats); logit effects from the model's unembedding (saepipe.analyze.logits); write the
+report (saepipe.analyze.report), then the dashboard and, if asked, the W&B summary.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from saepipe.analyze.config import AnalyzeConfig
+from saepipe.analyze.inputs import open_inputs
+from saepipe.analyze.logits import logit_effects, unembedding_of
+from saepipe.analyze.report import write_report
+from saepipe.analyze.stats import collect_stats
+from saepipe.errors import SaepipeError
+from saepipe.harvest.models import load_model, resolve_device
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    out: Path
+    n_latents: int
+    n_tokens: int
+    n_dead: int
+    n_dense: int
+    seconds: float
+
+
+def check_out(out: str) -> None:
+    """Refuse to scatter a report over a file or an unrelated non-empty directory."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SaepipeError(f"--out {out} is an existing file; give a directory for the report")
+    if path.is_dir() and any(path.iterdir()) and not (path / "report.json").exists():
+        raise SaepipeError(f"--out {out} is a non-empty directory that holds no report; choose a new path")
+
+
+def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
+    t0 = time.perf_counter()
+    check_out(cfg.out)
+    device = resolve_device(cfg.device)
+    inp = open_inputs(cfg.sae, cfg.store, cfg.hook, device)
+    sae, store = inp.sae, inp.store
+    n_latents = int(sae.cfg["d_sae"])
+    stats = collect_stats(
+        store,
+        inp.hook,
+        sae.encode,
+        n_latents,
+        cfg.top_k,
+        cfg.samples,
+        device,
+        max_tokens=cfg.tokens,
+        batch_tokens=cfg.batch_tokens,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    model = load_model(store.settings["model"]["name"], str(device))
+    if model.fingerprint != store.settings["model"]["fingerprint"]:
+        raise SaepipeError(
+            f"model {store.settings['model']['name']} no longer has the weights store {store.path} was harvested "
+            "with (fingerprints differ); logit effects would be wrong"
+        )
+    effects = logit_effects(sae.W_dec.detach(), unembedding_of(model.bridge), cfg.logit_tokens)
+    tok = model.tokenizer
+    meta = {
+        "sae": str(cfg.sae),
+        "sae_cfg": sae.cfg,
+        "store": str(store.path),
+        "hook": inp.hook,
+        "model": store.settings["model"]["name"],
+        "histogram": "log10(activation) of active tokens, fixed edges hist_edges; outside values clipped",
+        "interpretability": "token concentration of the top contexts; see saepipe.analyze.ranking",
+        "logit_effects": "direct path through the final norm's scale and W_U; see saepipe.analyze.logits",
+    }
+    out = write_report(
+        cfg.out,
+        stats,
+        effects,
+        lambda ids: [tok.decode([i]) for i in ids],
+        meta,
+        cfg.rank_by,
+        cfg.dense_threshold,
+    )
+    if cfg.dashboard:
+        from saepipe.analyze.dashboard import write_dashboard
+
+        write_dashboard(out)
+    dead = int((stats.n_active == 0).sum())
+    dense = int((stats.density > cfg.dense_threshold).sum())
+    if cfg.wandb:
+        from saepipe.analyze.wandb_log import log_report
+
+        log_report(out, cfg.wandb_project, cfg.wandb_cards)
+    return AnalyzeResult(out, n_latents, stats.n_tokens, dead, dense, time.perf_counter() - t0)

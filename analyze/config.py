@@ -1,0 +1,71 @@
+"""The analyze stage's configs: `saepipe analyze` and `saepipe evaluate` flags (and pipelines.yaml sections)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from saepipe.config import StageConfig
+
+
+class AnalyzeConfig(StageConfig):
+    sae: str
+    """SAE directory (sae_weights.safetensors + cfg.json) written by `saepipe train`."""
+    store: str | None = None
+    """Activation store to stream through the SAE; default: the store recorded in the SAE's cfg.json."""
+    out: str
+    """Report directory: tables, arrays, index.html dashboard."""
+    hook: str | None = None
+    """Hook to read from the store; default: the SAE's hook_name."""
+    top_k: int = Field(20, gt=0)
+    """Top activating token positions kept per latent."""
+    tokens: int | None = Field(None, gt=0)
+    """Analyze at most this many (non-BOS) tokens of the store; default: all of them."""
+    samples: int = Field(16, gt=0)
+    """Size of the uniform per-latent sample of active positions; the dashboard shows those below the median
+    (what a latent does when weakly active)."""
+    rank_by: str = "interpretability"
+    """Ranking key of the dashboard's list: interpretability, max_activation, frequency, mean_activation."""
+    dense_threshold: float = Field(0.1, gt=0, le=1)
+    """Latents active on more than this fraction of tokens are reported as ultra-dense, not ranked."""
+    logit_tokens: int = Field(10, gt=0)
+    """Tokens listed per latent among the most promoted and most suppressed."""
+    batch_tokens: int = Field(4096, gt=0)
+    """Tokens encoded per batch (rounded to whole contexts); lower it if memory is tight at large widths."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, or cuda:N."""
+    dashboard: bool = True
+    """Write the static HTML dashboard (REPORT_DIR/index.html)."""
+    wandb: bool = False
+    """Log the summary table and a few latent cards to Weights & Biases."""
+    wandb_project: str = "saepipe"
+    """W&B project when --wandb is on."""
+    wandb_cards: int = Field(8, ge=0)
+    """Latent cards (top-ranked latents) logged to W&B."""
+    seed: int = 0
+    """Seed of the per-latent sampling of weakly active positions."""
+
+    @field_validator("rank_by")
+    @classmethod
+    def _known_key(cls, v: str) -> str:
+        from saepipe.analyze.ranking import RANKING_KEYS
+
+        if v not in RANKING_KEYS:
+            raise ValueError(f"unknown ranking key {v!r}; choose one of {', '.join(RANKING_KEYS)}")
+        return v
+
+
+class EvaluateConfig(StageConfig):
+    sae: str
+    """SAE directory (sae_weights.safetensors + cfg.json) to splice into its model."""
+    store: str | None = None
+    """Store the SAE was trained on (its model, dataset and context layout); default: from the SAE's cfg.json."""
+    dataset: str | None = None
+    """Held-out text; default: the store's own dataset, continuing after the contexts the store holds."""
+    contexts: int = Field(64, gt=0)
+    """Held-out contexts to evaluate on (of the store's context size)."""
+    batch_size: int = Field(8, gt=0)
+    """Contexts per forward pass."""
+    out: str | None = None
+    """Where to write the JSON results; default: SAE_DIR/evaluation.json."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, or cuda:N."""

@@ -1,0 +1,122 @@
+"""The static dashboard: REPORT_DIR/index.html plus data scripts, built from a finished report.
+
+    index.html, assets/dashboard.{js,css}
+    data/index.js       the ranked list: per-latent columns (stats, scores, peak token, top promoted
+                        tokens), rankings for every key, dead and ultra-dense ids
+    data/vocab.js       token id -> text (vocab.json)
+    data/shard_NNNNN.js `SHARD_SIZE` latents each: top contexts, weakly active samples, histogram,
+                        logit effects; loaded only when one of its latents is opened
+
+Only the list data grows with the width in one file (about 100 bytes a latent); everything per latent is
+in shards, so a 16k-latent report opens as fast as a small one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saepipe.analyze.dashboard_assets import DASHBOARD_CSS, DASHBOARD_JS, INDEX_HTML
+from saepipe.analyze.ranking import RANKING_KEYS
+from saepipe.analyze.report import Report
+
+SHARD_SIZE = 128
+PROMOTED_IN_LIST = 3
+
+
+def _b64(a: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(
+        np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    ).decode()
+
+
+def _script(path: Path, call: str, *args: Any) -> None:
+    body = ", ".join(json.dumps(a, ensure_ascii=False, separators=(",", ":"), allow_nan=False) for a in args)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(f"SAEPIPE.{call}({body});\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _finite(a: np.ndarray) -> list:
+    """JSON has no NaN; a list with None in its place."""
+    return [None if not np.isfinite(x) else float(x) for x in a]
+
+
+def _context_set(rep: Report, prefix: str, latent: int, n: int | None) -> dict[str, Any]:
+    a = rep.arrays
+    vals = a[f"{prefix}_values"][latent]
+    keep = np.flatnonzero(~np.isnan(vals))[:n]
+    return {
+        "values": _b64(vals[keep], "f4"),
+        "contexts": a[f"{prefix}_contexts"][latent, keep].tolist(),
+        "positions": a[f"{prefix}_positions"][latent, keep].tolist(),
+        "tokens": _b64(a[f"{prefix}_window_tokens"][latent, keep].ravel(), "i4"),
+        "acts": _b64(a[f"{prefix}_window_acts"][latent, keep].ravel(), "f4"),
+    }
+
+
+def write_dashboard(report_dir: str | Path) -> Path:
+    """Write the dashboard for the report in `report_dir`; returns the index.html path."""
+    rep = Report.open(report_dir)
+    root = Path(report_dir)
+    (root / "assets").mkdir(exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    (root / "assets" / "dashboard.js").write_text(DASHBOARD_JS, encoding="utf-8")
+    (root / "assets" / "dashboard.css").write_text(DASHBOARD_CSS, encoding="utf-8")
+
+    L = rep.n_latents
+    columns: dict[str, Any] = {
+        name: _finite(rep.column(name)) for name in ("density", "mean", "mean_active", "max")
+    }
+    columns.update({f"score_{k}": _finite(rep.column(f"score_{k}")) for k in RANKING_KEYS})
+    columns.update(
+        n_active=rep.column("n_active").tolist(),
+        rank=rep.column("rank").tolist(),
+        dead=rep.column("dead").tolist(),
+        dense=rep.column("dense").tolist(),
+        peak_token=rep.column("peak_token").tolist(),
+        promoted=rep.arrays["logit_top_ids"][:, :PROMOTED_IN_LIST].tolist(),
+    )
+    meta = rep.meta
+    title = f"{meta.get('sae', '')} · {meta.get('hook', '')} · {L} latents · {meta['n_tokens']:,} tokens"
+    index = {
+        "title": title,
+        "n_latents": L,
+        "shard_size": SHARD_SIZE,
+        "rank_by": meta["rank_by"],
+        "ranking_keys": list(RANKING_KEYS),
+        "ranking": {k: rep.ranking(k) for k in RANKING_KEYS},
+        "dead": rep.dead,
+        "dense": rep.dense,
+        "dense_threshold": meta["dense_threshold"],
+        "window": meta["window"],
+        "hist_edges": rep.arrays["hist_edges"].tolist(),
+        "columns": columns,
+    }
+    _script(root / "data" / "index.js", "setIndex", index)
+    _script(root / "data" / "vocab.js", "setVocab", {str(k): v for k, v in rep.vocab.items()})
+
+    a = rep.arrays
+    for s in range(0, L, SHARD_SIZE):
+        shard = {}
+        for i in range(s, min(s + SHARD_SIZE, L)):
+            n_samples = int((~np.isnan(a["sample_values"][i])).sum())
+            shard[str(i)] = {
+                "top": _context_set(rep, "top", i, None),
+                "low": _context_set(rep, "sample", i, int(np.ceil(n_samples / 2))),
+                "hist": a["histogram"][i].tolist(),
+                "logits": {
+                    "top_ids": a["logit_top_ids"][i].tolist(),
+                    "top_values": _finite(a["logit_top_values"][i]),
+                    "bottom_ids": a["logit_bottom_ids"][i].tolist(),
+                    "bottom_values": _finite(a["logit_bottom_values"][i]),
+                },
+            }
+        _script(root / "data" / f"shard_{s // SHARD_SIZE:05d}.js", "setShard", s // SHARD_SIZE, shard)
+    index_html = root / "index.html"
+    index_html.write_text(INDEX_HTML, encoding="utf-8")  # last: the page exists only once its data does
+    return index_html

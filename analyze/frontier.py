@@ -1,0 +1,189 @@
+"""The sparsity-reconstruction frontier: L0 against FVU for a list of SAEs on one store (issue 5).
+
+Why: at any width an SAE trades sparsity for reconstruction; comparing architectures or widths means
+comparing whole (L0, FVU) points, not one of the two. `ReconstructionStats` accumulates both exactly over
+streamed batches (float64 sums, so chunking does not change the result); `write_frontier` writes the table
+as JSON and CSV and the plot as PNG (matplotlib, Agg backend: no display needed).
+
+FVU = sum_t ||x_t - xhat_t||^2 / sum_t ||x_t - mean(x)||^2 over the same tokens; L0 = mean number of
+nonzero latents per token.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from saepipe.errors import SaepipeError
+
+
+@dataclass
+class ReconstructionStats:
+    """Running sums over tokens of one SAE; `update` per batch, then read `fvu` and `l0`."""
+
+    n_tokens: int = 0
+    sum_x: np.ndarray | None = None  # [d] float64
+    sum_sq_x: float = 0.0
+    sum_sq_err: float = 0.0
+    sum_active: int = 0
+
+    def update(self, x: np.ndarray, x_hat: np.ndarray, n_active: int) -> None:
+        """x, x_hat: [N, d]; n_active: nonzero latents summed over the N tokens."""
+        x64 = x.astype(np.float64)
+        s = x64.sum(axis=0)
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.sum_sq_x += float((x64 * x64).sum())
+        self.sum_sq_err += float(((x64 - x_hat.astype(np.float64)) ** 2).sum())
+        self.sum_active += int(n_active)
+        self.n_tokens += x.shape[0]
+
+    @property
+    def l0(self) -> float:
+        return self.sum_active / max(self.n_tokens, 1)
+
+    @property
+    def fvu(self) -> float:
+        if self.n_tokens == 0 or self.sum_x is None:
+            return float("nan")
+        mean = self.sum_x / self.n_tokens
+        total = self.sum_sq_x - self.n_tokens * float(mean @ mean)
+        return self.sum_sq_err / total if total > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One SAE on the frontier."""
+
+    sae: str
+    """The SAE dir."""
+    architecture: str
+    d_sae: int
+    l0: float
+    fvu: float
+    n_tokens: int
+    extra: dict = field(default_factory=dict)
+    """Anything else measured (e.g. k, loss recovered), flattened into the table."""
+
+
+def point(sae: str, architecture: str, d_sae: int, stats: ReconstructionStats, **extra) -> FrontierPoint:
+    return FrontierPoint(sae, architecture, int(d_sae), stats.l0, stats.fvu, stats.n_tokens, dict(extra))
+
+
+def _row(p: FrontierPoint) -> dict:
+    row = asdict(p)
+    row.update(row.pop("extra"))
+    return row
+
+
+def write_frontier(points: list[FrontierPoint], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """frontier.json, frontier.csv and frontier.png in `out_dir`; returns their paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [_row(p) for p in points]
+    paths = {"json": out / "frontier.json", "csv": out / "frontier.csv", "png": out / "frontier.png"}
+    paths["json"].write_text(json.dumps(rows, indent=1))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_frontier(points, paths["png"], title)
+    return paths
+
+
+def plot_frontier(points: list[FrontierPoint], path: str | Path, title: str = "") -> None:
+    """L0 (log x) against FVU, one line per architecture through its widths, each point labelled by width."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for arch in sorted({p.architecture for p in points}):
+        pts = sorted((p for p in points if p.architecture == arch), key=lambda p: p.l0)
+        ax.plot([p.l0 for p in pts], [p.fvu for p in pts], "o-", label=arch)
+        for p in pts:
+            ax.annotate(f"{p.d_sae}", (p.l0, p.fvu), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if points and min(p.l0 for p in points) > 0:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel("FVU (fraction of variance unexplained)")
+    ax.set_title(title or "sparsity-reconstruction frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(title="architecture", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def resolve_hook(store: Any, sae_cfgs: list[dict], hook: str | None) -> str:
+    """The hook to read: the one given, else the SAEs' common `hook_name`, else the store's only hook."""
+    if hook is None:
+        names = {c.get("hook_name") for c in sae_cfgs}
+        if len(names) == 1 and next(iter(names)) in store.hooks:
+            hook = next(iter(names))
+        elif len(store.hooks) == 1:
+            hook = store.hooks[0]
+        else:
+            raise SaepipeError(
+                f"cannot tell which hook of {store.path} the SAEs read ({sorted(map(str, names))}); give --hook"
+            )
+    if hook not in store.hooks:
+        raise SaepipeError(f"store {store.path} has no hook {hook!r}; it holds: {', '.join(store.hooks)}")
+    return hook
+
+
+def check_compatible(path: str, cfg: dict, store: Any) -> None:
+    """Refuse an SAE whose input width or training model differs from the store's."""
+    if int(cfg["d_in"]) != store.d_model:
+        raise SaepipeError(
+            f"SAE {path} reads d_in={cfg['d_in']} but store {store.path} has d_model={store.d_model}"
+        )
+    trained = (cfg.get("saepipe") or {}).get("store") or {}
+    fp = trained.get("model_fingerprint")
+    if fp and fp != store.settings["model"]["fingerprint"]:
+        raise SaepipeError(
+            f"SAE {path} was trained on activations of another model (or synthetic set) than store "
+            f"{store.path}; give the store it was trained on"
+        )
+
+
+@dataclass
+class EncodedBatch:
+    """One batch of store rows encoded by every SAE."""
+
+    addr: np.ndarray  # [N, 2] int64 (context, position)
+    x: np.ndarray  # [N, d] float32
+    latents: list[sp.csr_matrix]  # per SAE [N, d_sae] float32 (sparse: a wide ladder stays small)
+    recon: list[np.ndarray]  # per SAE [N, d] float32
+
+
+def encode_stream(
+    saes: list, store: Any, hook: str, batch_tokens: int, max_tokens: int | None = None
+) -> Iterator[EncodedBatch]:
+    """The store's rows in order (BOS dropped), `batch_tokens` at a time, encoded and decoded by each SAE."""
+    import torch
+
+    done = 0
+    with torch.no_grad():
+        for acts, addr in store.iter_token_rows(hook):
+            for b in range(0, len(acts), batch_tokens):
+                take = batch_tokens if max_tokens is None else min(batch_tokens, max_tokens - done)
+                if take <= 0:
+                    return
+                x = np.ascontiguousarray(acts[b : b + take], dtype=np.float32)
+                latents, recon = [], []
+                for sae in saes:
+                    xt = torch.from_numpy(x).to(sae.W_dec.device)
+                    z = sae.encode(xt)
+                    recon.append(sae.decode(z).float().cpu().numpy())
+                    latents.append(sp.csr_matrix(z.float().cpu().numpy()))
+                yield EncodedBatch(addr[b : b + take], x, latents, recon)
+                done += len(x)

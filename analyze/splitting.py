@@ -1,0 +1,280 @@
+"""Split trees across a width ladder, and the sparsity-reconstruction frontier (issue 5).
+
+Why: as width grows a latent may split into finer latents; a researcher needs to see which latents split
+into which, whether the split is clean (children partition the parent's firing) or a blur (children fire
+together, the encoder's imperfect sparsity among near-parallel directions), and what width bought in
+L0 and FVU.
+
+Links, between each SAE of the ladder (sorted by width) and the next wider one: a wide latent j is a child
+of the narrow latent i that maximises cos(i, j) * containment(i, j), among those with decoder cosine >=
+`min_cos` and containment = (tokens where both fire) / (tokens where j fires) >= `min_coactivation`; a
+wide latent with no such i is `new`. Per parent, over the same tokens:
+- share of each child = both fire / parent fires; `coverage` = parent fires and some child fires / parent
+  fires; `overlap` = parent fires and two or more children fire / parent fires; `leak` = some child fires
+  while the parent is silent / tokens where some child fires;
+- `sibling_cofire` = tokens where two or more siblings fire / tokens where at least one fires (question 2),
+  and over all parents the histogram of how many siblings fire on one token;
+- `kind`: dropped (no child), persists (one child), clean split (two or more, overlap <= `clean_overlap`),
+  blurred split (more overlap).
+Two passes over the store: the first counts co-firing (and the frontier's L0/FVU), the second, with the
+links fixed, counts per-token sibling statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from pydantic import Field, model_validator
+
+from saepipe.analyze.recovery import cosine_matrix
+from saepipe.config import StageConfig
+from saepipe.errors import SaepipeError
+
+
+@dataclass
+class CoFiring:
+    """Token counts between a narrow SAE (a) and a wider one (b); additive over batches."""
+
+    fires_a: np.ndarray  # [m_a] int64
+    fires_b: np.ndarray  # [m_b] int64
+    co: sp.csr_matrix  # [m_a, m_b] int64: both fire on the same token
+
+    def __add__(self, other: CoFiring) -> CoFiring:
+        return CoFiring(
+            self.fires_a + other.fires_a, self.fires_b + other.fires_b, (self.co + other.co).tocsr()
+        )
+
+
+def _fires(latents: np.ndarray | sp.spmatrix) -> sp.csr_matrix:
+    return sp.csr_matrix(latents > 0).astype(np.int64)
+
+
+def cofiring(lat_a: np.ndarray | sp.spmatrix, lat_b: np.ndarray | sp.spmatrix) -> CoFiring:
+    """Counts over one batch of latent activations [N, m_a] and [N, m_b] (fires = value > 0)."""
+    fa, fb = _fires(lat_a), _fires(lat_b)
+    return CoFiring(np.asarray(fa.sum(0)).ravel(), np.asarray(fb.sum(0)).ravel(), (fa.T @ fb).tocsr())
+
+
+def link_latents(cos: np.ndarray, counts: CoFiring, min_cos: float, min_coactivation: float) -> np.ndarray:
+    """parent [m_b] int64: the narrow latent each wide latent descends from, -1 for none (see module doc)."""
+    co = counts.co.tocoo()
+    i, j = co.row, co.col
+    containment = co.data / np.maximum(counts.fires_b[j], 1)
+    c = cos[i, j]
+    ok = (c >= min_cos) & (containment >= min_coactivation)
+    i, j, score = i[ok], j[ok], (c * containment)[ok]
+    parent = np.full(cos.shape[1], -1)
+    order = np.lexsort((-score, j))  # per child, best score first
+    first = np.r_[True, j[order][1:] != j[order][:-1]] if len(order) else np.zeros(0, bool)
+    parent[j[order][first]] = i[order][first]
+    return parent
+
+
+@dataclass
+class SiblingCounts:
+    """Per-parent token counts with the links fixed; additive over batches."""
+
+    any_child: np.ndarray  # [m_a]: some child fires
+    two_children: np.ndarray  # [m_a]: two or more children fire
+    covered: np.ndarray  # [m_a]: parent and some child fire
+    overlap: np.ndarray  # [m_a]: parent and two or more children fire
+    histogram: np.ndarray  # [max_children + 1]: tokens by number of siblings firing (>= 1), over all parents
+
+    def __add__(self, o: SiblingCounts) -> SiblingCounts:
+        h = np.zeros(max(len(self.histogram), len(o.histogram)), dtype=np.int64)
+        h[: len(self.histogram)] += self.histogram
+        h[: len(o.histogram)] += o.histogram
+        return SiblingCounts(
+            self.any_child + o.any_child,
+            self.two_children + o.two_children,
+            self.covered + o.covered,
+            self.overlap + o.overlap,
+            h,
+        )
+
+
+def sibling_counts(
+    lat_a: np.ndarray | sp.spmatrix, lat_b: np.ndarray | sp.spmatrix, parent: np.ndarray
+) -> SiblingCounts:
+    """Per token and parent, how many of its children fire: K = fires_b @ membership [N, m_a]."""
+    m_a = lat_a.shape[1]
+    kids = np.flatnonzero(parent >= 0)
+    member = sp.csr_matrix(
+        (np.ones(len(kids), dtype=np.int64), (kids, parent[kids])), shape=(len(parent), m_a)
+    )
+    k = (_fires(lat_b) @ member).tocsr()
+    k.eliminate_zeros()
+    fa = _fires(lat_a)
+    ge1 = (k >= 1).astype(np.int64)
+    ge2 = (k >= 2).astype(np.int64)
+    col = lambda m: np.asarray(m.sum(0)).ravel().astype(np.int64)  # noqa: E731
+    return SiblingCounts(
+        col(ge1), col(ge2), col(fa.multiply(ge1)), col(fa.multiply(ge2)), np.bincount(k.data.astype(np.int64))
+    )
+
+
+def _kind(n_children: int, overlap: float, clean_overlap: float) -> str:
+    if n_children == 0:
+        return "dropped"
+    if n_children == 1:
+        return "persists"
+    return "clean split" if overlap <= clean_overlap else "blurred split"
+
+
+def split_tree(
+    cos: np.ndarray, counts: CoFiring, parent: np.ndarray, sib: SiblingCounts, clean_overlap: float
+) -> dict:
+    """The report of one level of the ladder: per narrow latent its children and split statistics."""
+    co = counts.co.tocsr()
+    parents = []
+    for i in range(cos.shape[0]):
+        kids = np.flatnonzero(parent == i)
+        fa = int(counts.fires_a[i])
+        children = [
+            {
+                "latent": int(j),
+                "cos": float(cos[i, j]),
+                "fires": int(counts.fires_b[j]),
+                "share": float(co[i, j] / fa) if fa else 0.0,
+                "containment": float(co[i, j] / counts.fires_b[j]) if counts.fires_b[j] else 0.0,
+            }
+            for j in kids
+        ]
+        overlap = float(sib.overlap[i] / fa) if fa else 0.0
+        kind = _kind(len(kids), overlap, clean_overlap)
+        parents.append(
+            {
+                "latent": i,
+                "fires": fa,
+                "kind": kind,
+                "children": children,
+                "coverage": float(sib.covered[i] / fa) if fa else 0.0,
+                "overlap": overlap,
+                "leak": float(1 - sib.covered[i] / sib.any_child[i]) if sib.any_child[i] else 0.0,
+                "sibling_cofire": float(sib.two_children[i] / sib.any_child[i]) if sib.any_child[i] else 0.0,
+            }
+        )
+    kinds = [p["kind"] for p in parents]
+    return {
+        "summary": {k: kinds.count(k) for k in ("dropped", "persists", "clean split", "blurred split")}
+        | {"new": int((parent < 0).sum())},
+        "sibling_histogram": sib.histogram.tolist(),
+        "new_latents": np.flatnonzero(parent < 0).tolist(),
+        "parents": parents,
+    }
+
+
+class SplittingConfig(StageConfig):
+    saes: list[str]
+    """An SAE dir of the ladder; repeat the flag for each (any order: they are sorted by width)."""
+    store: str
+    """The activation store to stream (the SAEs' hook must be in it)."""
+    out: str
+    """Report directory: splits.json, frontier.json, frontier.csv, frontier.png."""
+    hook: str | None = None
+    """Hook to read (default: the SAEs' hook_name)."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Use at most this many tokens from the start of the store."""
+    batch_tokens: int = Field(2048, gt=0)
+    """Tokens encoded at once by every SAE."""
+    min_cos: float = Field(0.3, ge=-1, le=1)
+    """Decoder cosine a child needs to its parent."""
+    min_coactivation: float = Field(0.5, ge=0, le=1)
+    """Fraction of a child's firing that must fall on tokens where its parent fires."""
+    clean_overlap: float = Field(0.05, ge=0, le=1)
+    """A split is clean when at most this fraction of the parent's firing has two or more children firing."""
+    device: str = "cpu"
+    """Device to encode on (cpu, cuda, cuda:N)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SplittingConfig:
+        if len(set(self.saes)) != len(self.saes):
+            raise ValueError("an SAE dir is given twice")
+        return self
+
+
+def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
+    """Stream the store twice through the ladder; write splits.json and the frontier into `cfg.out`."""
+    from tqdm import tqdm
+
+    from saepipe.analyze.frontier import (
+        ReconstructionStats,
+        check_compatible,
+        encode_stream,
+        point,
+        resolve_hook,
+        write_frontier,
+    )
+    from saepipe.harvest import open_store
+    from saepipe.train import load_sae
+
+    if not cfg.saes:
+        raise SaepipeError("give at least one --saes SAE_DIR")
+    store = open_store(cfg.store)
+    loaded = sorted(((load_sae(p, device=cfg.device), p) for p in cfg.saes), key=lambda pair: pair[0].d_sae)
+    saes, paths = [s for s, _ in loaded], [p for _, p in loaded]
+    for sae, path in loaded:
+        check_compatible(path, sae.cfg, store)
+    hook = resolve_hook(store, [s.cfg for s in saes], cfg.hook)
+    decoders = [s.W_dec.detach().float().cpu().numpy() for s in saes]
+    cos = [cosine_matrix(decoders[a], decoders[a + 1]) for a in range(len(saes) - 1)]
+    recon = [ReconstructionStats() for _ in saes]
+    counts: list[CoFiring | None] = [None] * len(cos)
+    total = min(store.n_tokens, cfg.max_tokens or store.n_tokens) * (2 if cos else 1)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="splitting", disable=not progress)
+    for batch in encode_stream(saes, store, hook, cfg.batch_tokens, cfg.max_tokens):
+        for r, z, xh in zip(recon, batch.latents, batch.recon):
+            r.update(batch.x, xh, z.nnz)
+        for a in range(len(cos)):
+            c = cofiring(batch.latents[a], batch.latents[a + 1])
+            counts[a] = c if counts[a] is None else counts[a] + c
+        bar.update(len(batch.x))
+    links = [link_latents(cos[a], counts[a], cfg.min_cos, cfg.min_coactivation) for a in range(len(cos))]
+    sibs: list[SiblingCounts | None] = [None] * len(cos)
+    if cos:
+        for batch in encode_stream(saes, store, hook, cfg.batch_tokens, cfg.max_tokens):
+            for a in range(len(cos)):
+                s = sibling_counts(batch.latents[a], batch.latents[a + 1], links[a])
+                sibs[a] = s if sibs[a] is None else sibs[a] + s
+            bar.update(len(batch.x))
+    bar.close()
+    points = [
+        point(p, s.cfg["architecture"], s.d_sae, r, k=s.cfg.get("k")) for s, p, r in zip(saes, paths, recon)
+    ]
+    levels = [
+        {"narrow": paths[a], "wide": paths[a + 1]}
+        | split_tree(cos[a], counts[a], links[a], sibs[a], cfg.clean_overlap)
+        for a in range(len(cos))
+    ]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "store": cfg.store,
+        "hook": hook,
+        "settings": cfg.model_dump(),
+        "saes": [
+            {"path": p.sae, "architecture": p.architecture, "d_sae": p.d_sae, "l0": p.l0, "fvu": p.fvu}
+            for p in points
+        ],
+        "levels": levels,
+    }
+    (out / "splits.json").write_text(json.dumps(report, indent=1))
+    write_frontier(points, out, title=f"{Path(cfg.store).name} / {hook}")
+    return report
+
+
+def run(cfg: SplittingConfig) -> int:
+    report = build_report(cfg)
+    for s in report["saes"]:
+        print(
+            f"{s['architecture']:>10} d_sae {s['d_sae']:>7}: L0 {s['l0']:8.2f}  FVU {s['fvu']:.4f}  {s['path']}"
+        )
+    for lv in report["levels"]:
+        summary = ", ".join(f"{v} {k}" for k, v in lv["summary"].items())
+        print(f"{Path(lv['narrow']).name} -> {Path(lv['wide']).name}: {summary}")
+    print(f"report written to {cfg.out} (splits.json, frontier.json/.csv/.png)")
+    return 0

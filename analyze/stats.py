@@ -1,0 +1,264 @@
+"""Latent statistics in one streaming pass: running top-k contexts, samples, density, mean, max, histogram.
+
+The store is read chunk by chunk (`iter_token_rows`, whole contexts with their addresses) and encoded a
+group of contexts at a time; nothing ever holds more than one group's latent activations. Per latent we
+keep:
+
+- the `k` largest activations with their address (context, position) and a token window around them
+  (`WINDOW_BEFORE` tokens before, `WINDOW_AFTER` after) with the latent's activation on every token of
+  the window, captured while the context is in memory so the report never re-encodes the store;
+- a uniform sample of `samples` active positions (a running top-k over random keys, i.e. reservoir
+  sampling vectorized over latents), sorted by value at the end, so the report can show what a latent does
+  when weakly active, not only at its peak;
+- counts of active tokens (activation > 0), the activation sum and max, and a histogram of log10
+  activation over active tokens on fixed bins (`HIST_EDGES`, 8 per decade; values outside are clipped into
+  the end bins), fixed so that one pass suffices without knowing each latent's range in advance.
+
+Window slots outside the context hold token -1; slots with no latent value (outside, or the BOS position,
+which the SAE never sees) hold NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+WINDOW_BEFORE = 15
+WINDOW_AFTER = 4
+WINDOW = WINDOW_BEFORE + 1 + WINDOW_AFTER
+HIST_EDGES = np.linspace(-3.0, 3.0, 49)  # log10(activation) bin edges
+"""Edges of the activation histogram in log10 units: 48 bins from 1e-3 to 1e3."""
+
+
+@dataclass
+class ContextSet:
+    """`n` ranked token positions per latent with their windows. Empty slots: context -1, value NaN."""
+
+    values: np.ndarray  # [n_latents, n] float32
+    contexts: np.ndarray  # [n_latents, n] int64
+    positions: np.ndarray  # [n_latents, n] int64
+    window_tokens: np.ndarray  # [n_latents, n, WINDOW] int32, -1 outside the context
+    window_acts: np.ndarray  # [n_latents, n, WINDOW] float32, NaN where the latent has no value
+
+
+@dataclass
+class LatentStats:
+    """Everything one streaming pass learns about each latent."""
+
+    n_tokens: int
+    """Tokens encoded (BOS positions excluded, as in training)."""
+    n_active: np.ndarray  # [n_latents] int64: tokens with activation > 0
+    act_sum: np.ndarray  # [n_latents] float64, over active tokens (activation > 0)
+    act_max: np.ndarray  # [n_latents] float32 (0 for a latent never active)
+    histogram: np.ndarray  # [n_latents, len(HIST_EDGES) - 1] int64, log10 activation of active tokens
+    top: ContextSet
+    """Top-k activations, largest first."""
+    samples: ContextSet
+    """A uniform sample of active positions, smallest value first."""
+
+    @property
+    def density(self) -> np.ndarray:
+        return self.n_active / max(self.n_tokens, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean activation over all tokens (inactive ones count as 0)."""
+        return self.act_sum / max(self.n_tokens, 1)
+
+
+class RunningTopK:
+    """Per latent, the `k` entries with the largest keys seen so far, with values, addresses and windows."""
+
+    def __init__(self, n_latents: int, k: int, device: torch.device):
+        self.k = k
+        f = {"device": device}
+        self.keys = torch.full((k, n_latents), -torch.inf, **f)  # [k, L]
+        self.values = torch.full((k, n_latents), torch.nan, **f)
+        self.contexts = torch.full((k, n_latents), -1, dtype=torch.long, **f)
+        self.positions = torch.full((k, n_latents), -1, dtype=torch.long, **f)
+        self.win_tokens = torch.full((k, n_latents, WINDOW), -1, dtype=torch.int32, **f)
+        self.win_acts = torch.full((k, n_latents, WINDOW), torch.nan, **f)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """[L] the k-th largest key so far (-inf until k entries are kept): only larger keys can enter."""
+        return self.keys[-1]
+
+    def update(
+        self,
+        rows: torch.Tensor,
+        lats: torch.Tensor,
+        keys: torch.Tensor,
+        z_CPL: torch.Tensor,
+        tokens_CT: torch.Tensor,
+        ctx0: int,
+    ) -> None:
+        """Merge candidate entries (row of z_CPL flattened, latent, key) of a group of contexts.
+
+        z_CPL: [contexts, positions, latents] latent activations of positions `first..T-1` where
+        first = T - positions; tokens_CT: [contexts, T] int32. Candidates should be prefiltered with
+        `threshold` (a sparse merge of the few that can enter is far cheaper than a dense top-k over
+        every row and latent; at 16k latents it is the difference between seconds and milliseconds).
+        """
+        if len(rows) == 0:
+            return
+        k, L = self.keys.shape
+        dev = self.keys.device
+        # All entries of the merge: the k kept per latent (flat index s * L + l) and the candidates.
+        lat_all = torch.cat([torch.arange(L, device=dev).repeat(k), lats])
+        key_all = torch.cat([self.keys.flatten(), keys])
+        src_all = torch.arange(len(lat_all), device=dev)
+        order = key_all.argsort(descending=True, stable=True)
+        order = order[lat_all[order].argsort(stable=True)]  # by latent, then key descending
+        lat_s = lat_all[order]
+        counts = torch.bincount(lat_s, minlength=L)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(len(order), device=dev) - starts[lat_s]
+        keep = rank < k  # every latent has its k old slots, so exactly k are kept per latent
+        slot, lat, src = rank[keep], lat_s[keep], src_all[order][keep]
+
+        old = src < k * L
+        o_slot, o_lat, o_flat = slot[old], lat[old], src[old]
+        new_keys = torch.empty_like(self.keys)
+        new_keys[slot, lat] = key_all[src]
+        fields = {
+            "values": (self.values, torch.nan),
+            "contexts": (self.contexts, -1),
+            "positions": (self.positions, -1),
+            "win_tokens": (self.win_tokens, -1),
+            "win_acts": (self.win_acts, torch.nan),
+        }
+        for name, (t, empty) in fields.items():
+            fresh = torch.full_like(t, empty)
+            fresh[o_slot, o_lat] = t.flatten(0, 1)[o_flat]
+            setattr(self, name, fresh)
+        self.keys = new_keys
+
+        slot, lat = slot[~old], lat[~old]
+        row = rows[src[~old] - k * L]
+        P = z_CPL.shape[1]
+        T = tokens_CT.shape[1]
+        first = T - P
+        c, p = row // P, first + row % P
+        self.values[slot, lat] = z_CPL[c, p - first, lat]
+        self.contexts[slot, lat] = ctx0 + c
+        self.positions[slot, lat] = p
+        offsets = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1, device=dev)
+        wp = p[:, None] + offsets  # [m, WINDOW] positions in the context
+        in_ctx = (wp >= 0) & (wp < T)
+        has_act = (wp >= first) & in_ctx
+        c2 = c[:, None].expand_as(wp)
+        self.win_tokens[slot, lat] = torch.where(in_ctx, tokens_CT[c2, wp.clamp(0, T - 1)], -1)
+        acts = z_CPL[c2, (wp - first).clamp(0, P - 1), lat[:, None].expand_as(wp)]
+        self.win_acts[slot, lat] = torch.where(has_act, acts, torch.nan)
+
+    def result(self, ascending: bool = False) -> ContextSet:
+        """Entries ordered by value (largest first unless `ascending`), empty slots last."""
+        v = self.values.T.cpu()  # [L, k]
+        key = torch.where(torch.isnan(v), torch.inf if ascending else -torch.inf, v)
+        order = key.argsort(dim=1, descending=not ascending, stable=True)
+        take = lambda t: t.T.cpu().gather(1, order).numpy()  # noqa: E731
+        take3 = lambda t: (  # noqa: E731
+            t.permute(1, 0, 2).cpu().gather(1, order[..., None].expand(-1, -1, WINDOW)).numpy()
+        )
+        return ContextSet(
+            take(self.values).astype(np.float32),
+            take(self.contexts),
+            take(self.positions),
+            take3(self.win_tokens),
+            take3(self.win_acts).astype(np.float32),
+        )
+
+
+class StatsAccumulator:
+    """Folds groups of encoded contexts into `LatentStats`."""
+
+    def __init__(self, n_latents: int, k: int, samples: int, device: torch.device, seed: int = 0):
+        self.top = RunningTopK(n_latents, k, device)
+        self.sample = RunningTopK(n_latents, samples, device)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.n_tokens = 0
+        f = {"device": device}
+        self.n_active = torch.zeros(n_latents, dtype=torch.long, **f)
+        self.act_sum = torch.zeros(n_latents, dtype=torch.float64, **f)
+        self.act_max = torch.zeros(n_latents, **f)
+        self.hist = torch.zeros(n_latents * (len(HIST_EDGES) - 1), dtype=torch.long, **f)
+        self.edges = torch.tensor(HIST_EDGES, dtype=torch.float32, **f)
+
+    def update(self, z_CPL: torch.Tensor, tokens_CT: torch.Tensor, ctx0: int) -> None:
+        C, P, L = z_CPL.shape
+        z_NL = z_CPL.reshape(C * P, L).float()
+        z_CPL = z_NL.view(C, P, L)
+        # Everything below works on the active entries only: O(L0 * tokens), not O(latents * tokens).
+        rows, lat = torch.nonzero(z_NL > 0, as_tuple=True)
+        vals = z_NL[rows, lat]
+        self.n_tokens += C * P
+        self.n_active += torch.bincount(lat, minlength=L)
+        self.act_sum.index_add_(0, lat, vals.double())
+        self.act_max.scatter_reduce_(0, lat, vals, reduce="amax")
+        n_bins = len(HIST_EDGES) - 1
+        b = torch.bucketize(vals.log10(), self.edges, right=True) - 1
+        self.hist.index_add_(0, lat * n_bins + b.clamp(0, n_bins - 1), torch.ones_like(lat))
+
+        enter = vals > self.top.threshold[lat]
+        self.top.update(rows[enter], lat[enter], vals[enter], z_CPL, tokens_CT, ctx0)
+        # reservoir sampling: a uniform random key per active entry, keep the k largest keys
+        u = torch.rand(len(rows), generator=self.gen, device=z_NL.device)
+        take = u > self.sample.threshold[lat]
+        self.sample.update(rows[take], lat[take], u[take], z_CPL, tokens_CT, ctx0)
+
+    def result(self) -> LatentStats:
+        return LatentStats(
+            n_tokens=self.n_tokens,
+            n_active=self.n_active.cpu().numpy(),
+            act_sum=self.act_sum.cpu().numpy(),
+            act_max=self.act_max.cpu().numpy(),
+            histogram=self.hist.view(len(self.act_max), -1).cpu().numpy(),
+            top=self.top.result(),
+            samples=self.sample.result(ascending=True),
+        )
+
+
+@torch.inference_mode()
+def collect_stats(
+    store,
+    hook: str,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    n_latents: int,
+    k: int,
+    samples: int,
+    device: torch.device,
+    max_tokens: int | None = None,
+    batch_tokens: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+) -> LatentStats:
+    """Stream `store`'s `hook` through `encode` ([n, d_in] -> [n, n_latents]) in whole-context groups.
+
+    Stops after the context that reaches `max_tokens` (so the count is rounded up to whole contexts).
+    """
+    acc = StatsAccumulator(n_latents, k, samples, device, seed)
+    first = 1 if store.settings["prepend_bos"] else 0
+    P = store.context_size - first
+    total = store.n_contexts * P if max_tokens is None else min(max_tokens, store.n_contexts * P)
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="analyze", disable=not progress)
+    group = max(1, batch_tokens // P)
+    for acts, addr in store.iter_token_rows(hook):
+        c0, c1 = int(addr[0, 0]), int(addr[-1, 0]) + 1
+        tokens = torch.from_numpy(store.tokens(c0, c1)).to(device)
+        for g0 in range(0, c1 - c0, group):
+            g1 = min(g0 + group, c1 - c0)
+            if max_tokens is not None and acc.n_tokens >= max_tokens:
+                break
+            x = torch.from_numpy(acts[g0 * P : g1 * P]).to(device).float()
+            z = encode(x).float()
+            acc.update(z.view(g1 - g0, P, n_latents), tokens[g0:g1], c0 + g0)
+            bar.update((g1 - g0) * P)
+        if max_tokens is not None and acc.n_tokens >= max_tokens:
+            break
+    bar.close()
+    return acc.result()

@@ -1,0 +1,125 @@
+"""The train stage's config: `saepipe train` flags and the `train:` section of pipelines.yaml.
+
+Several SAEs train from one pass over the stream: every combination of `--arch`, `--width` and `--k`
+(k only for architectures that take it) is one SAE, e.g. `--width 1024 --width 4096` trains two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from saepipe.config import StageConfig
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """One SAE of a run: its directory name under the run dir and how to build it."""
+
+    name: str
+    arch: str
+    width: int
+    k: int | None
+    hparams: dict[str, Any]
+
+
+class TrainConfig(StageConfig):
+    stores: list[str] = Field(json_schema_extra={"flag": "--store"})
+    """Activation store to read (a path or URL written by `saepipe harvest`); repeat for several stores."""
+    hook: str
+    """Hook whose activations to train on, e.g. blocks.3.hook_resid_post (every store must hold it)."""
+    out: str
+    """Run directory: one SAE dir per SAE (<out>/<name>/), plus checkpoint/ and wandb/."""
+    arch: list[str] = Field(default_factory=lambda: ["topk"])
+    """SAE architecture: relu, topk, batchtopk, jumprelu or matryoshka; repeat to train several."""
+    width: list[int] = Field(default_factory=lambda: [4096])
+    """Number of latents (d_sae); repeat for a width ladder trained from the same pass."""
+    k: list[int] = Field(default_factory=lambda: [32])
+    """Active latents per token (topk; the batch average for batchtopk/matryoshka); repeatable."""
+    tokens: int = Field(10_000_000, gt=0)
+    """Training tokens over all ranks (the stream repeats in reshuffled epochs if the stores hold fewer)."""
+    batch_size: int = Field(4096, gt=0)
+    """Tokens per step on each rank (the global batch is batch_size x number of processes)."""
+    lr: float = Field(4e-4, gt=0)
+    """Adam learning rate after warm-up."""
+    lr_warmup: float = Field(0.01, ge=0, le=1)
+    """Fraction of steps over which the learning rate rises linearly from 0."""
+    lr_decay: float = Field(0.2, ge=0, le=1)
+    """Fraction of steps at the end over which the learning rate falls linearly to 0."""
+    sparsity_warmup: float = Field(0.05, ge=0, le=1)
+    """Fraction of steps over which the L1/L0 coefficient rises linearly from 0 (relu, jumprelu)."""
+    l1_coefficient: float = Field(5.0, ge=0)
+    """relu: weight of the decoder-norm-weighted L1 penalty."""
+    l0_coefficient: float = Field(1.0, ge=0)
+    """jumprelu: weight of the L0 penalty."""
+    jumprelu_bandwidth: float = Field(0.001, gt=0)
+    """jumprelu: width of the straight-through estimator's kernel."""
+    auxk_coefficient: float = Field(1 / 32, ge=0)
+    """topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents."""
+    dead_window: int = Field(1_000_000, gt=0)
+    """Tokens without firing after which a latent counts as dead (AuxK and the dead fraction)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Decoder bias start: the geometric median of a sample, the stores' mean, or zeros."""
+    normalize: bool = False
+    """Scale inputs so their mean squared norm is d_model (store statistics); undone in the saved SAE."""
+    drop_bos: bool = True
+    """Skip position 0 when the store put a BOS token there (its norm is an outlier)."""
+    buffer_tokens: int = Field(262_144, gt=0)
+    """Size of the token mixing buffer: rows of this many tokens are shuffled together."""
+    seed: int = 0
+    """Seed for initialisation and the stream order."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda; under a launcher each rank takes cuda:LOCAL_RANK."""
+    autocast: Literal["none", "bfloat16"] = "none"
+    """Run the encoder matmul under autocast in this dtype (weights and optimizer stay float32)."""
+    log_every: int = Field(100, gt=0)
+    """Steps between log lines (console and W&B)."""
+    checkpoint_every: int = Field(1000, gt=0)
+    """Steps between checkpoints (model, optimizer, RNG and stream position in <out>/checkpoint)."""
+    resume: bool = True
+    """Continue from <out>/checkpoint when it exists (rerunning the same command resumes)."""
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    """Weights & Biases logging; offline writes <out>/wandb and needs no network."""
+    wandb_project: str = "saepipe"
+    """W&B project name."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        from saepipe.train.saes import ARCHITECTURES  # imported here so `--help` stays free of torch
+
+        unknown = [a for a in self.arch if a not in ARCHITECTURES]
+        if unknown:
+            raise ValueError(f"unknown --arch {unknown[0]!r}; choose from {', '.join(sorted(ARCHITECTURES))}")
+        if not self.stores:
+            raise ValueError("give at least one --store")
+        for w in self.width:
+            if w <= 0:
+                raise ValueError("--width must be positive")
+        for k in self.k:
+            if k <= 0 or (any(ARCHITECTURES[a].uses_k for a in self.arch) and k > min(self.width)):
+                raise ValueError(f"--k {k} must be positive and at most the smallest --width")
+        if len({s.name for s in self.specs()}) != len(self.specs()):
+            raise ValueError("an SAE is named twice; repeat --arch/--width/--k values only once")
+        return self
+
+    def specs(self) -> list[SAESpec]:
+        """Every SAE this run trains, in a fixed order."""
+        from saepipe.train.saes import ARCHITECTURES
+
+        settings = {  # each architecture takes the ones among its own `default_hparams`
+            "l1_coefficient": self.l1_coefficient,
+            "l0_coefficient": self.l0_coefficient,
+            "bandwidth": self.jumprelu_bandwidth,
+            "auxk_coefficient": self.auxk_coefficient,
+        }
+        out = []
+        for arch in self.arch:
+            cls = ARCHITECTURES[arch]
+            hparams = {k: v for k, v in settings.items() if k in cls.default_hparams}
+            for width in self.width:
+                for k in self.k if cls.uses_k else [None]:
+                    name = f"{arch}-w{width}" + (f"-k{k}" if k is not None else "")
+                    out.append(SAESpec(name, arch, width, k, dict(hparams)))
+        return out

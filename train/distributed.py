@@ -1,0 +1,123 @@
+"""The only module that touches torch.distributed: rank info, print0, and reductions.
+
+Every function works unchanged in a single process (no process group): reductions return their input.
+The same `saepipe train` command runs under any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT:
+
+    one process:      saepipe train --store S --hook H --out RUN
+    2 GPUs, 1 node:   accelerate launch --multi_gpu --num_processes 2 -m saepipe train ...
+                      (or: torchrun --nproc_per_node 2 -m saepipe train ...)
+    2 nodes x 8 GPUs: accelerate launch --multi_gpu --num_machines 2 --num_processes 16 \
+                        --machine_rank R --main_process_ip HOST0 --main_process_port 29500 -m saepipe train ...
+    CPU, 2 processes: torchrun --nproc_per_node 2 -m saepipe train --device cpu ...   (gloo)
+
+Gradients are averaged explicitly after backward (one flat all-reduce per SAE) instead of wrapping each
+SAE in DistributedDataParallel: several SAEs train from one batch, and a visible reduction is easier to
+check against the one-process run than DDP's hooks. The arithmetic is DDP's (mean over ranks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank among `world_size`, its local rank, and its device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "auto") -> DistInfo:
+    """Read the launcher's environment, start the process group when there are several ranks."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and world > 1:
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if rank() == 0:
+        print(*args, **kwargs)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; the input is left alone)."""
+    t = t.clone()
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (floating point input)."""
+    return all_reduce_sum(t) / world_size() if active() else t.clone()
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over ranks, in one flat all-reduce."""
+    if not active():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def all_agree(value: int) -> bool:
+    """Whether every rank passed the same integer (e.g. a resume step)."""
+    if not active():
+        return True
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0]) == value and int(-t[1]) == value
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,211 @@
+"""Streaming, shuffled, resumable batches of activations from one or more stores.
+
+The stream of one rank is defined by pure functions, so it can be rebuilt from a small position:
+
+- `assign_chunks(n_chunks, rank, world, seed, epoch)`: a seeded permutation of all chunks per epoch,
+  dealt round-robin to ranks, so the union over ranks is every chunk exactly once per epoch.
+- A rank's chunks of an epoch are grouped into *windows* of `chunks_per_window` chunks (the mixing
+  buffer, `buffer_tokens` worth); a window's token rows are permuted with a generator seeded by
+  (seed, epoch, rank, window).
+- Batches are consecutive `batch_size` rows of the concatenated windows, epoch after epoch without end.
+
+`StreamPosition(epoch, window, offset)` names the next unread row; every `Batch` carries the position
+after it, so a checkpoint that stores it resumes the exact stream. A background thread reads and
+permutes the next windows while the trainer works; memory is bounded by (prefetch + 1) windows.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from saepipe.errors import SaepipeError
+from saepipe.harvest import open_store
+
+
+def assign_chunks(n_chunks: int, rank: int, world: int, seed: int, epoch: int) -> np.ndarray:
+    """Chunk indices rank `rank` of `world` reads in epoch `epoch`, in reading order (int64)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of {world}")
+    order = np.random.default_rng([seed, epoch]).permutation(n_chunks)
+    return order[rank::world]
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """The next unread row: `offset` rows into window `window` of epoch `epoch` (for this rank)."""
+
+    epoch: int = 0
+    window: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamPosition:
+        return cls(int(d["epoch"]), int(d["window"]), int(d["offset"]))
+
+
+@dataclass
+class Batch:
+    """`x` [batch_size, d_model] float32 on the loader's device (normalised if asked), `addresses`
+    [batch_size, 3] int64 numpy (store index, context, position), and the stream position after it."""
+
+    x: torch.Tensor
+    addresses: np.ndarray
+    position: StreamPosition
+
+
+@dataclass
+class _Window:
+    epoch: int
+    window: int
+    rows: np.ndarray  # [m, d_model] float32
+    addresses: np.ndarray  # [m, 3] int64
+
+
+class ActivationLoader:
+    """Batches of one hook's activations from several stores, for one rank of `world`."""
+
+    def __init__(
+        self,
+        stores: list[str],
+        hook: str,
+        batch_size: int,
+        buffer_tokens: int = 262_144,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_bos: bool = True,
+        normalize: bool = False,
+        device: str | torch.device = "cpu",
+        prefetch: int = 2,
+    ):
+        if not stores:
+            raise SaepipeError("give at least one --store")
+        self.stores = [open_store(str(p)) for p in stores]
+        self.hook, self.batch_size, self.seed = hook, batch_size, seed
+        self.rank, self.world, self.device, self.prefetch = rank, world, torch.device(device), prefetch
+        first = self.stores[0]
+        for s in self.stores:
+            s.stats(hook)  # raises a one-line SaepipeError naming the hooks the store has
+            if s.d_model != first.d_model:
+                raise SaepipeError(
+                    f"stores disagree on d_model: {first.path} has {first.d_model}, {s.path} has {s.d_model}; "
+                    "train on stores harvested from the same model"
+                )
+        self.d_model = first.d_model
+        self.chunks = [(i, a, b) for i, s in enumerate(self.stores) for a, b in s.chunk_bounds()]
+        if len(self.chunks) < world:
+            raise SaepipeError(
+                f"the stores hold {len(self.chunks)} chunks, fewer than the {world} ranks; use fewer "
+                "processes or harvest with a smaller --contexts-per-chunk"
+            )
+        self.first_pos = [1 if (drop_bos and s.settings["prepend_bos"]) else 0 for s in self.stores]
+        rows_per_chunk = max((b - a) * (s.context_size - f) for (i, a, b), s, f in self._chunk_info())
+        self.chunks_per_window = max(1, buffer_tokens // max(rows_per_chunk, 1))
+        self.windows_per_epoch = math.ceil(
+            len(assign_chunks(len(self.chunks), rank, world, seed, 0)) / self.chunks_per_window
+        )
+        self.scale = self._scale() if normalize else 1.0
+
+    def _chunk_info(self):
+        for i, a, b in self.chunks:
+            yield (i, a, b), self.stores[i], self.first_pos[i]
+
+    def _scale(self) -> float:
+        """Factor making the mean squared norm d_model, from the stores' own statistics (issue 3)."""
+        stats = [s.stats(self.hook) for s in self.stores]
+        count = sum(st.count for st in stats)
+        if count == 0:
+            raise SaepipeError("the stores have no statistics to normalise with; train without --normalize")
+        msn = sum(st.count * st.mean_sq_norm for st in stats) / count
+        return math.sqrt(self.d_model / msn)
+
+    @property
+    def n_tokens_per_epoch(self) -> int:
+        """Rows all ranks together read per epoch."""
+        return sum((b - a) * (s.context_size - f) for (_, a, b), s, f in self._chunk_info())
+
+    def window_chunks(self, epoch: int, window: int) -> list[int]:
+        mine = assign_chunks(len(self.chunks), self.rank, self.world, self.seed, epoch)
+        c = self.chunks_per_window
+        return [int(i) for i in mine[window * c : (window + 1) * c]]
+
+    def load_window(self, epoch: int, window: int) -> _Window:
+        """Read a window's chunks and permute its rows (deterministic in seed, epoch, rank, window)."""
+        rows, addresses = [], []
+        for chunk in self.window_chunks(epoch, window):
+            i, a, b = self.chunks[chunk]
+            store, first = self.stores[i], self.first_pos[i]
+            acts = store.activations(self.hook, a, b)[:, first:]
+            rows.append(acts.reshape(-1, self.d_model).astype(np.float32))
+            ctx, pos = np.meshgrid(np.arange(a, b), np.arange(first, store.context_size), indexing="ij")
+            addresses.append(np.stack([np.full(ctx.size, i), ctx.ravel(), pos.ravel()], axis=1))
+        x, addr = np.concatenate(rows), np.concatenate(addresses).astype(np.int64)
+        perm = np.random.default_rng([self.seed, epoch, self.rank, window]).permutation(len(x))
+        x = x[perm]
+        if self.scale != 1.0:
+            x *= np.float32(self.scale)
+        return _Window(epoch, window, x, addr[perm])
+
+    def _next(self, epoch: int, window: int) -> tuple[int, int]:
+        return (epoch, window + 1) if window + 1 < self.windows_per_epoch else (epoch + 1, 0)
+
+    def _windows(self, epoch: int, window: int, stop: threading.Event, out: queue.Queue) -> None:
+        try:
+            while not stop.is_set():
+                w = self.load_window(epoch, window)
+                while not stop.is_set():
+                    try:
+                        out.put(w, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                epoch, window = self._next(epoch, window)
+        except BaseException as e:  # hand the failure to the consumer instead of dying silently
+            out.put(e)
+
+    def batches(self, start: StreamPosition | None = None) -> Iterator[Batch]:
+        """Endless batches from `start` (the beginning by default); close the iterator to stop."""
+        pos = start or StreamPosition()
+        stop = threading.Event()
+        windows: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        thread = threading.Thread(
+            target=self._windows, args=(pos.epoch, pos.window, stop, windows), daemon=True
+        )
+        thread.start()
+
+        def take() -> _Window:
+            item = windows.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+        try:
+            cur, offset = take(), pos.offset
+            while True:
+                parts, addrs, need = [], [], self.batch_size
+                while need:
+                    if offset == len(cur.rows):
+                        cur, offset = take(), 0
+                        continue
+                    n = min(need, len(cur.rows) - offset)
+                    parts.append(cur.rows[offset : offset + n])
+                    addrs.append(cur.addresses[offset : offset + n])
+                    offset, need = offset + n, need - n
+                after = StreamPosition(cur.epoch, cur.window, offset)
+                if offset == len(cur.rows):
+                    after = StreamPosition(*self._next(cur.epoch, cur.window), 0)
+                x = torch.from_numpy(np.concatenate(parts)).to(self.device)
+                yield Batch(x, np.concatenate(addrs), after)
+        finally:
+            stop.set()
+            thread.join(timeout=5)

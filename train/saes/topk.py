@@ -1,0 +1,57 @@
+"""TopK SAE with the AuxK loss for dead latents (Gao et al. 2024, "Scaling and evaluating sparse
+autoencoders").
+
+Each token keeps its k largest ReLU pre-activations. AuxK reconstructs the main model's residual error
+with the top `auxk_k` latents among those that have been dead for the trainer's window, normalised by the
+error's variance and weighted 1/32, so latents that stopped firing get a gradient and come back.
+Decoder rows are unit norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from saepipe.train.saes.base import SAE, StepContext, mse
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+    uses_k = True
+    default_hparams: ClassVar[dict[str, Any]] = {"auxk_coefficient": 1 / 32, "auxk_k": None}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.pre_acts(x))
+        values, indices = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values)
+
+    def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rows_of(pre.topk(self.k, dim=-1, sorted=False).indices)
+
+    def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        return {"auxk": auxk_loss(self, ctx)}
+
+
+def rows_of(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token latent indices [n, m] to flat (rows, latents) [n * m]."""
+    n, m = indices.shape
+    rows = torch.arange(n, device=indices.device).repeat_interleave(m)
+    return rows, indices.reshape(-1)
+
+
+def auxk_loss(sae: SAE, ctx: StepContext) -> torch.Tensor:
+    """Gao et al.'s AuxK term (already weighted); zero when no latent is dead."""
+    coefficient = sae.hparams["auxk_coefficient"]
+    dead = sae.dead_mask(sae.dead_window)
+    n_dead = int(dead.sum())
+    if n_dead == 0 or coefficient == 0:
+        return ctx.x.new_zeros(())
+    k_aux = min(sae.hparams["auxk_k"] or max(1, sae.d_in // 2), n_dead)
+    indices = ctx.pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
+    rows, latents = rows_of(indices)
+    code, _ = sae.code_at(ctx.x_c, ctx.pre, rows, latents)
+    error = (ctx.x - ctx.recon).detach()
+    error_hat = sae.decode_code(code, with_bias=False)
+    variance = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return coefficient * mse(error, error_hat) / variance

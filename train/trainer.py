@@ -1,0 +1,225 @@
+"""The training loop: read the stream once, step every SAE on each batch, log, checkpoint, save.
+
+    init ranks -> open the stream -> build SAEs (or restore the checkpoint) -> for each step:
+        batch -> for each SAE: sae_step (loss, backward, gradient mean over ranks, Adam, constraints)
+        -> log every `log_every` -> checkpoint every `checkpoint_every`
+    -> write <out>/<name>/ SAE dirs (rank 0)
+
+Learning rate: linear warm-up over `lr_warmup` of the steps, constant, linear decay to 0 over the last
+`lr_decay`. Sparsity coefficients (relu's L1, jumprelu's L0) rise linearly over `sparsity_warmup`.
+Both are pure functions of the step, so the "scheduler state" in a checkpoint is the step itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saepipe.errors import SaepipeError
+from saepipe.train import checkpoint, distributed
+from saepipe.train.config import TrainConfig
+from saepipe.train.loader import ActivationLoader, StreamPosition
+from saepipe.train.metrics import IntervalMetrics, Reporter
+from saepipe.train.sae_dir import save_sae
+from saepipe.train.saes import SAE, build_sae
+from saepipe.train.step import make_optimizer, sae_step
+
+# Settings that may change between a run and its resumption without changing the result.
+FREE_TO_CHANGE = {"log_every", "checkpoint_every", "wandb", "wandb_project", "device", "resume"}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    sae_dirs: dict[str, Path]
+    steps: int
+    tokens: int
+    resumed_from: int
+    seconds: float
+    already_complete: bool = False
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = max(1, round(cfg.lr_warmup * total)) if cfg.lr_warmup > 0 else 0
+    decay = round(cfg.lr_decay * total)
+    factor = 1.0
+    if step < warm:
+        factor = (step + 1) / warm
+    if decay and step >= total - decay:
+        factor = min(factor, (total - step) / decay)
+    return cfg.lr * factor
+
+
+def sparsity_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = round(cfg.sparsity_warmup * total)
+    return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1e-7) -> torch.Tensor:
+    """Weiszfeld's algorithm in float64 (the b_dec start of Bricken et al. 2023)."""
+    p = points.double()
+    y = p.mean(0)
+    for _ in range(iterations):
+        w = 1.0 / (p - y).norm(dim=1).clamp_min(1e-12)
+        nxt = (w[:, None] * p).sum(0) / w.sum()
+        if (nxt - y).norm() <= tol * max(1.0, float(y.norm())):
+            return nxt
+        y = nxt
+    return y
+
+
+def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
+    """The decoder bias start, identical on every rank, in the (possibly normalised) input space."""
+    if cfg.b_dec_init == "zeros":
+        return torch.zeros(loader.d_model)
+    if cfg.b_dec_init == "mean":  # the stores' own statistics: the same on every rank, no reading
+        stats = [s.stats(cfg.hook) for s in loader.stores]
+        count = sum(st.count for st in stats)
+        mean = sum(st.count * st.mean for st in stats) / max(count, 1)
+        return torch.from_numpy(np.asarray(mean * loader.scale, dtype=np.float32))
+    sample = torch.from_numpy(loader.load_window(0, 0).rows[:8192])
+    return distributed.all_reduce_mean(geometric_median(sample).float())
+
+
+def build_saes(cfg: TrainConfig, d_in: int) -> dict[str, SAE]:
+    """Freshly initialised SAEs of the run, seeded so every rank builds the same ones."""
+    torch.manual_seed(cfg.seed)
+    saes = {}
+    for spec in cfg.specs():
+        sae = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=spec.hparams)
+        sae.dead_window = cfg.dead_window
+        saes[spec.name] = sae
+    return saes
+
+
+def _compared(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in FREE_TO_CHANGE}
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    started = time.perf_counter()
+    info = distributed.init(cfg.device)
+    out = Path(cfg.out)
+    config = {**cfg.model_dump(), "world_size": info.world_size}
+    specs = cfg.specs()
+    sae_dirs = {s.name: out / s.name for s in specs}
+    if checkpoint.exists(out) and cfg.resume and checkpoint.read_state(out).get("complete"):
+        _refuse_different(out, checkpoint.read_state(out)["config"], config)
+        distributed.print0(f"run {out} is already complete; nothing to do")
+        return TrainResult(out, sae_dirs, 0, 0, 0, 0.0, already_complete=True)
+
+    loader = ActivationLoader(
+        cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed, info.rank, info.world_size,
+        cfg.drop_bos, cfg.normalize, info.device,
+    )  # fmt: skip
+    global_batch = cfg.batch_size * info.world_size
+    total = max(1, cfg.tokens // global_batch)
+    saes = {name: sae.to(info.device) for name, sae in build_saes(cfg, loader.d_model).items()}
+    optimizers = {name: make_optimizer(sae, cfg.lr) for name, sae in saes.items()}
+
+    start_step, position, wandb_id = 0, StreamPosition(), None
+    if checkpoint.exists(out) and cfg.resume:
+        _refuse_different(out, checkpoint.read_state(out)["config"], config)
+        ck = checkpoint.load(out, saes, optimizers, info.device)
+        start_step, position, wandb_id = ck.step, ck.position, ck.wandb_id
+        distributed.print0(f"resuming {out} at step {start_step:,} of {total:,}")
+    else:
+        b_dec = b_dec_start(cfg, loader).to(info.device)
+        with torch.no_grad():
+            for sae in saes.values():
+                sae.b_dec.copy_(b_dec)
+    if not distributed.all_agree(start_step):
+        raise SaepipeError(
+            f"ranks disagree on the checkpoint step in {out}; remove {out}/checkpoint to restart"
+        )
+
+    reporter = Reporter(
+        cfg.wandb, cfg.wandb_project, str(out), out.name, config, wandb_id, enabled=info.is_main
+    )
+    metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
+    autocast = (
+        torch.autocast(info.device.type, dtype=torch.bfloat16)
+        if cfg.autocast == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    stream = loader.batches(position)
+    try:
+        for step in range(start_step, total):
+            batch = next(stream)
+            lr, scale = lr_at(step, total, cfg), sparsity_at(step, total, cfg)
+            for name, sae in saes.items():
+                with autocast:
+                    res = sae_step(sae, optimizers[name], batch.x, lr, scale)
+                counts = distributed.all_reduce_sum(res.fire_counts)
+                metrics[name].add(res, batch.x, counts, global_batch)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                per_sae = {name: m.summary(saes[name]) for name, m in metrics.items()}
+                reporter.log(done, total, done * global_batch, per_sae)
+                metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
+            if done % cfg.checkpoint_every == 0 and done < total:
+                checkpoint.save(out, done, config, reporter.wandb_id, saes, optimizers, batch.position)
+    finally:
+        stream.close()
+
+    if info.is_main:
+        for spec in specs:
+            save_sae(
+                saes[spec.name],
+                sae_dirs[spec.name],
+                hook_name=cfg.hook,
+                model_name=loader.stores[0].settings["model"]["name"],
+                input_scale=loader.scale,
+                **_sae_extra(cfg, loader, total, global_batch),
+            )
+    checkpoint.save(out, total, {**config}, reporter.wandb_id, saes, optimizers, StreamPosition())
+    if info.is_main:
+        checkpoint.mark_complete(out)
+    reporter.finish()
+    return TrainResult(
+        out, sae_dirs, total - start_step, (total - start_step) * global_batch, start_step,
+        time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _sae_extra(cfg: TrainConfig, loader: ActivationLoader, steps: int, global_batch: int) -> dict:
+    first = loader.stores[0]
+    return {
+        "context_size": first.context_size,
+        "prepend_bos": bool(first.settings["prepend_bos"]),
+        "dataset_path": first.settings.get("dataset", {}).get("name"),
+        "saepipe": {
+            "store": [
+                {
+                    "path": str(s.path),
+                    "model_fingerprint": s.settings["model"].get("fingerprint"),
+                    "hook": cfg.hook,
+                }
+                for s in loader.stores
+            ],
+            "training": {
+                **cfg.model_dump(exclude={"wandb", "wandb_project", "resume", "device"}),
+                "steps": steps,
+                "global_batch": global_batch,
+                "world_size": distributed.world_size(),
+            },
+        },
+    }
+
+
+def _refuse_different(out: Path, have: dict, want: dict) -> None:
+    a, b = _compared(have), _compared(want)
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            raise SaepipeError(
+                f"run {out} was started with {key}={a.get(key)!r}, not {b.get(key)!r}; rerun with the same "
+                "settings to resume, pass --no-resume to start over, or choose a new --out"
+            )
+
+
+__all__ = ["TrainResult", "build_saes", "geometric_median", "lr_at", "sparsity_at", "train"]
