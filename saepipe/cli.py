@@ -24,7 +24,13 @@ def _load(ref: str) -> Callable:
 
 def commands() -> dict[str, Command]:
     """Every stage contributes its subcommands through `saepipe.<stage>.commands.COMMANDS`."""
-    found: dict[str, Command] = {}
+    found: dict[str, Command] = {
+        "run": Command(
+            "run a named pipeline from pipelines.yaml, skipping stages whose outputs are up to date",
+            "saepipe.pipeline:RunConfig",
+            "saepipe.pipeline:run",
+        )
+    }
     for stage in STAGES:
         try:
             module = importlib.import_module(f"saepipe.{stage}.commands")

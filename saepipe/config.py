@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from saepipe.errors import SaepipeError
 
@@ -35,6 +35,17 @@ class StageConfig(BaseModel):
     """Base for stage configs: unknown fields are refused, values are checked on construction."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalars_to_lists(cls, values: Any) -> Any:
+        """`k: 64` in YAML or `--set train.k=64` means `[64]` for a repeatable field."""
+        if isinstance(values, dict):
+            for name, field in cls.model_fields.items():
+                ann = _unwrap_optional(field.annotation)
+                if get_origin(ann) is list and name in values and not isinstance(values[name], list | tuple):
+                    values = {**values, name: [values[name]]}
+        return values
 
 
 def _flag(name: str, field: Any) -> str:
