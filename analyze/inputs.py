@@ -26,12 +26,16 @@ def open_inputs(sae_path: str, store_path: str | None, hook: str | None, device:
     if not Path(sae_path).is_dir():
         raise SaepipeError(f"--sae {sae_path}: no such directory; give an SAE dir written by `saepipe train`")
     sae = load_sae(sae_path, device)
-    recorded = (sae.cfg.get("saepipe") or {}).get("store") or {}
-    store_path = store_path or recorded.get("path")
+    # One record per training store: train/trainer.py writes a list, older dirs hold one dict.
+    records = (sae.cfg.get("saepipe") or {}).get("store") or []
+    records = [records] if isinstance(records, dict) else list(records)
+    store_path = store_path or (records[0].get("path") if records else None)
     if not store_path:
         raise SaepipeError(f"--sae {sae_path}: its cfg.json records no store; give --store")
     store = open_store(store_path)
-    hook = hook or sae.cfg["hook_name"]
+    hook = hook or sae.cfg.get("hook_name")
+    if not hook:
+        raise SaepipeError(f"--sae {sae_path}: its cfg.json names no hook_name; give --hook")
     if hook not in store.hooks:
         raise SaepipeError(
             f"store {store_path} has no hook {hook!r} (it holds {', '.join(store.hooks)}); give --hook or the "
@@ -42,8 +46,8 @@ def open_inputs(sae_path: str, store_path: str | None, hook: str | None, device:
             f"SAE {sae_path} takes d_in={sae.cfg['d_in']} but store {store_path} has d_model={store.d_model}; "
             "give the store the SAE was trained on"
         )
-    fingerprint = recorded.get("model_fingerprint")
-    if fingerprint and fingerprint != store.settings["model"]["fingerprint"]:
+    fingerprints = {r.get("model_fingerprint") for r in records} - {None}
+    if fingerprints and store.settings["model"]["fingerprint"] not in fingerprints:
         raise SaepipeError(
             f"SAE {sae_path} was trained on activations of a different model than store {store_path} "
             "(model fingerprints differ); give a store of the same model"
