@@ -155,7 +155,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
     argv = [x for k, v in opts.items() for x in ("--" + k.replace("_", "-"), str(v))]
     cmd = [sys.executable, "-m", "saepipe", "synth", "--out", str(resumed), *argv]
     kills = 0
-    for kill_after in (8, 400, 1000):  # committed contexts at which to kill -9 (target: 1600)
+    for kill_after in (8, 160, 480):  # committed contexts at which to kill -9 (target: 1600, far away)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while (
