@@ -162,3 +162,20 @@ def test_shipped_pipelines_validate(capsys):
     for name in names:
         assert main(["run", name, "--config", str(REPO / "pipelines.yaml"), "--dry-run"]) == 0
     assert "would run" in capsys.readouterr().out
+
+
+def test_pipeline_on_s3_cache(tmp_path, tiny_pipeline, s3_bucket, capsys):
+    """Harvest into an S3 cache, then train and analyze straight from S3 (a real server on 127.0.0.1)."""
+    from saepipe.harvest import open_store
+    from saepipe.train import load_sae
+
+    tiny_pipeline["tiny"]["harvest"]["cache"] = f"{s3_bucket}/cache"
+    assert main(["run", "tiny", "--config", _write(tmp_path, tiny_pipeline)]) == 0
+    out = capsys.readouterr().out
+    store = _stamp(tmp_path, "harvest")["outputs"]["store"]
+    assert store.startswith(f"{s3_bucket}/cache/stores/") and f"(store: {store})" in out
+    assert open_store(store).n_contexts == 32
+    sae = load_sae(tmp_path / "runs" / "tiny" / "train" / "topk-w64-k4")
+    assert sae.cfg["saepipe"]["store"][0]["path"] == store
+    report = json.loads((tmp_path / "runs" / "tiny" / "analyze" / "topk-w64-k4" / "report.json").read_text())
+    assert report["n_tokens"] == 32 * 31
