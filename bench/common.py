@@ -1,16 +1,29 @@
-"""Shared bits of the benchmark scripts: machine description and appending to RESULTS.md."""
+"""Shared bits of the benchmark scripts: devices, timing, test stores, and appending to RESULTS.md.
+
+Every script measures the thing and its comparison in the same process, one after the other, and reports
+their ratio: absolute times on shared machines drift, ratios taken within one run hold. Timings
+synchronise CUDA before reading the clock, so the same scripts give GPU figures with `--device cuda`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "| date | benchmark | setting | figures | ratio | device | torch |\n|---|---|---|---|---|---|---|\n"
+WORK = Path(os.environ.get("SAEPIPE_BENCH_DIR", Path(tempfile.gettempdir()) / "saepipe-bench"))
+"""Where scripts keep the stores they build (reused across runs; delete it to rebuild)."""
 
 
 def machine(device: str = "auto") -> str:
@@ -27,3 +40,85 @@ def append_result(name: str, setting: str, figures: str, ratio: str, device: str
     date = datetime.date.today().isoformat()
     text += f"| {date} | {name} | {setting} | {figures} | {ratio} | {device} | {torch.__version__} |\n"
     RESULTS.write_text(text)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every script shares: --device and --quick."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="small sizes: a minute or two on 2 CPU cores")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    return p
+
+
+def device_of(name: str) -> torch.device:
+    from saepipe.harvest.models import resolve_device
+
+    return resolve_device(name)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, reps: int = 3, warmup: int = 1) -> float:
+    """Fastest of `reps` timed calls after `warmup` untimed ones (the minimum is the least noisy figure
+    on a shared machine: interference only ever adds time)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def peak_matmul_flops(device: torch.device, shapes: list[tuple[int, int, int]] | None = None) -> float:
+    """Measured peak float32 matmul FLOP/s: the best over a few large shapes (this machine's bound)."""
+    shapes = shapes or [(2048, 2048, 2048), (4096, 576, 4096)]
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device)
+        b = torch.randn(k, n, device=device)
+        seconds = best_seconds(lambda a=a, b=b: a @ b, device, reps=3)
+        best = max(best, 2 * m * k * n / seconds)
+    return best
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def synthetic_store(tokens: int, d_model: int = 576, dtype: str = "float16") -> str:
+    """Path of a complete synthetic store (`saepipe synth`) of `tokens` tokens, built once and reused.
+
+    Used where the bench needs a store of a given size but not a model: loader, sweep and memory. The
+    activations have d_model's width and the store's real layout (128-token contexts, 32-context chunks).
+    """
+    from saepipe.harvest.store import open_store, store_exists
+    from saepipe.harvest.synthetic import SynthConfig, generate
+
+    out = WORK / f"synth-{tokens}-{d_model}-{dtype}"
+    store = out / "store"
+    if not (store_exists(str(store)) and open_store(str(store), allow_incomplete=True).complete):
+        cfg = SynthConfig(out=str(out), d_model=d_model, n_features=2 * d_model, tokens=tokens, dtype=dtype)
+        generate(cfg, progress=False)
+    return str(store)
+
+
+def harvested_store(tokens: int, hook: str, device: str) -> str:
+    """Path of a store harvested from the default model (`saepipe harvest`), built once and reused."""
+    from saepipe.harvest.config import HarvestConfig
+    from saepipe.harvest.harvester import harvest
+    from saepipe.harvest.store import open_store, store_exists
+
+    out = WORK / f"harvest-{tokens}-{hook}"
+    if not (store_exists(str(out)) and open_store(str(out), allow_incomplete=True).complete):
+        harvest(HarvestConfig(out=str(out), hooks=[hook], tokens=tokens, device=device), progress=False)
+    return str(out)
