@@ -32,13 +32,33 @@ class AnalyzeResult:
     seconds: float
 
 
+# What a report dir holds (saepipe.analyze.report, saepipe.analyze.dashboard): a killed run leaves some of it.
+REPORT_ENTRIES = {
+    "report.json",
+    "latents.parquet",
+    "arrays.safetensors",
+    "vocab.json",
+    "index.html",
+    "assets",
+    "data",
+}
+
+
 def check_out(out: str) -> None:
-    """Refuse to scatter a report over a file or an unrelated non-empty directory."""
+    """Refuse to scatter a report over a file or an unrelated non-empty directory; a report dir, finished
+    or left by a killed run, is rewritten (its temporary `*.partial*` files are dropped first)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise SaepipeError(f"--out {out} is an existing file; give a directory for the report")
-    if path.is_dir() and any(path.iterdir()) and not (path / "report.json").exists():
-        raise SaepipeError(f"--out {out} is a non-empty directory that holds no report; choose a new path")
+    if not path.is_dir():
+        return
+    foreign = [p.name for p in path.iterdir() if p.name not in REPORT_ENTRIES and ".partial" not in p.name]
+    if foreign:
+        raise SaepipeError(
+            f"--out {out} is a non-empty directory that holds no report (it has {foreign[0]}); choose a new path"
+        )
+    for p in path.rglob("*.partial*"):
+        p.unlink()
 
 
 def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
@@ -47,6 +67,11 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     device = resolve_device(cfg.device)
     inp = open_inputs(cfg.sae, cfg.store, cfg.hook, device)
     sae, store = inp.sae, inp.store
+    if store.settings["model"]["name"] == "synthetic":  # written by `saepipe synth`: no model, no logits
+        raise SaepipeError(
+            f"store {store.path} holds synthetic activations (no model for contexts and logit effects); score "
+            "the SAE with `saepipe recovery` instead"
+        )
     n_latents = int(sae.cfg["d_sae"])
     stats = collect_stats(
         store,

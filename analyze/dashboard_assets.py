@@ -42,14 +42,7 @@ td.tokcell { text-align: left; font-family: monospace; white-space: pre; }
 .bar { fill: #e8742f; }
 """
 
-DASHBOARD_JS = r"""
-"use strict";
-const SAEPIPE = (function () {
-  const S = { shards: {}, waiting: {}, shown: 100, key: null };
-  S.setIndex = d => { S.idx = d; };
-  S.setVocab = v => { S.vocab = v; };
-  S.setShard = (n, d) => { S.shards[n] = d; (S.waiting[n] || []).forEach(f => f()); delete S.waiting[n]; };
-
+JS_HELPERS = r"""
   const el = (tag, attrs, ...kids) => {
     const e = document.createElement(tag);
     for (const [k, v] of Object.entries(attrs || {})) {
@@ -67,7 +60,21 @@ const SAEPIPE = (function () {
     return new Type(u.buffer);
   }
 
-  function loadShard(n, cb) {
+"""
+"""DOM and formatting helpers shared by the dashboard and the split-tree pages (saepipe.analyze.split_pages);
+spliced inside each page's closure, where `S.vocab` ({token id: text}) must be in scope for `tok`."""
+
+DASHBOARD_JS = (
+    r"""
+"use strict";
+const SAEPIPE = (function () {
+  const S = { shards: {}, waiting: {}, shown: 100, key: null };
+  S.setIndex = d => { S.idx = d; };
+  S.setVocab = v => { S.vocab = v; };
+  S.setShard = (n, d) => { S.shards[n] = d; (S.waiting[n] || []).forEach(f => f()); delete S.waiting[n]; };
+"""
+    + JS_HELPERS
+    + r"""  function loadShard(n, cb) {
     if (S.shards[n]) return cb();
     const first = !S.waiting[n];
     (S.waiting[n] = S.waiting[n] || []).push(cb);
@@ -229,3 +236,4 @@ const SAEPIPE = (function () {
   return S;
 })();
 """
+)

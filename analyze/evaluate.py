@@ -139,6 +139,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
     device = resolve_device(cfg.device)
     inp = open_inputs(cfg.sae, cfg.store, None, device)
     sae, store = inp.sae, inp.store
+    if store.settings["model"]["name"] == "synthetic":  # written by `saepipe synth`
+        raise SaepipeError(
+            f"store {store.path} holds synthetic activations (no model to splice into); evaluate an SAE trained "
+            "on a harvested store, or score this one with `saepipe recovery`"
+        )
     model = load_model(store.settings["model"]["name"], str(device))
     if model.fingerprint != store.settings["model"]["fingerprint"]:
         raise SaepipeError(

@@ -7,6 +7,12 @@ as JSON and CSV and the plot as PNG (matplotlib, Agg backend: no display needed)
 
 FVU = sum_t ||x_t - xhat_t||^2 / sum_t ||x_t - mean(x)||^2 over the same tokens; L0 = mean number of
 nonzero latents per token.
+
+On a store from a real model, reconstruction is still a proxy: what matters is how much of the model's
+next-token loss survives when the SAE replaces the activations. `spliced_metrics` gets each SAE's fraction
+of loss recovered (and KL) from `saepipe evaluate` itself (saepipe.analyze.evaluate, held-out text packed
+like the store's), so the frontier's numbers are exactly the ones `saepipe evaluate` prints; the table gains
+their columns and the PNG a second panel, L0 against loss recovered.
 """
 
 from __future__ import annotations
@@ -76,7 +82,8 @@ def point(sae: str, architecture: str, d_sae: int, stats: ReconstructionStats, *
     return FrontierPoint(sae, architecture, int(d_sae), stats.l0, stats.fvu, stats.n_tokens, dict(extra))
 
 
-def _row(p: FrontierPoint) -> dict:
+def as_row(p: FrontierPoint) -> dict:
+    """One flat table row (extra fields inlined), as in frontier.json."""
     row = asdict(p)
     row.update(row.pop("extra"))
     return row
@@ -86,7 +93,7 @@ def write_frontier(points: list[FrontierPoint], out_dir: str | Path, title: str 
     """frontier.json, frontier.csv and frontier.png in `out_dir`; returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_row(p) for p in points]
+    rows = [as_row(p) for p in points]
     paths = {"json": out / "frontier.json", "csv": out / "frontier.csv", "png": out / "frontier.png"}
     paths["json"].write_text(json.dumps(rows, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -98,29 +105,70 @@ def write_frontier(points: list[FrontierPoint], out_dir: str | Path, title: str 
     return paths
 
 
-def plot_frontier(points: list[FrontierPoint], path: str | Path, title: str = "") -> None:
-    """L0 (log x) against FVU, one line per architecture through its widths, each point labelled by width."""
+PANELS = {"fvu": "FVU (fraction of variance unexplained)", "loss_recovered": "fraction of loss recovered"}
+"""Plot panels by the value on their y axis; loss_recovered appears only when some point has it."""
+
+
+def plot_frontier(points: list[FrontierPoint], path: str | Path, title: str = "") -> list[str]:
+    """L0 (log x) against FVU and, when measured, against loss recovered: one line per architecture through
+    its widths, each point labelled by width. Returns the panels drawn (keys of PANELS)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for arch in sorted({p.architecture for p in points}):
-        pts = sorted((p for p in points if p.architecture == arch), key=lambda p: p.l0)
-        ax.plot([p.l0 for p in pts], [p.fvu for p in pts], "o-", label=arch)
-        for p in pts:
-            ax.annotate(f"{p.d_sae}", (p.l0, p.fvu), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if points and min(p.l0 for p in points) > 0:
-        ax.set_xscale("log")
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("FVU (fraction of variance unexplained)")
-    ax.set_title(title or "sparsity-reconstruction frontier")
-    ax.grid(alpha=0.3)
-    ax.legend(title="architecture", fontsize=8)
+    def y(p: FrontierPoint, key: str) -> float | None:
+        v = p.fvu if key == "fvu" else p.extra.get(key)
+        return None if v is None or not np.isfinite(v) else float(v)
+
+    panels = [k for k in PANELS if any(y(p, k) is not None for p in points)] or ["fvu"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        for arch in sorted({p.architecture for p in points}):
+            pts = sorted(
+                (p for p in points if p.architecture == arch and y(p, key) is not None), key=lambda p: p.l0
+            )
+            ax.plot([p.l0 for p in pts], [y(p, key) for p in pts], "o-", label=arch)
+            for p in pts:
+                ax.annotate(
+                    f"{p.d_sae}", (p.l0, y(p, key)), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+        if points and min(p.l0 for p in points) > 0:
+            ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(PANELS[key])
+        ax.grid(alpha=0.3)
+        ax.legend(title="architecture", fontsize=8, loc="upper right" if key == "fvu" else "lower right")
+    fig.suptitle(title or "sparsity-reconstruction frontier")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return panels
+
+
+def is_model_store(store: Any) -> bool:
+    """True for a store harvested from a language model (synthetic and hand-made stores have no layers), the
+    only kind where splicing an SAE back into a model means anything."""
+    return int(store.settings["model"].get("n_layers") or 0) > 0
+
+
+SPLICED_KEYS = ("loss_recovered", "kl", "ce_clean", "ce_spliced", "ce_zero")
+"""What the frontier takes from each `saepipe evaluate` result."""
+
+
+def spliced_metrics(
+    sae_paths: list[str], store: str, contexts: int, batch_size: int, device: str, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Per SAE dir, `saepipe evaluate`'s loss recovered, KL and losses on `contexts` held-out contexts."""
+    from saepipe.analyze.config import EvaluateConfig
+    from saepipe.analyze.evaluate import evaluate
+
+    out = {}
+    for path in sae_paths:
+        cfg = EvaluateConfig(sae=path, store=store, contexts=contexts, batch_size=batch_size, device=device)
+        res = evaluate(cfg, progress=progress)
+        out[path] = {k: float(getattr(res, k)) for k in SPLICED_KEYS}
+    return out
 
 
 def resolve_hook(store: Any, sae_cfgs: list[dict], hook: str | None) -> str:
@@ -146,9 +194,12 @@ def check_compatible(path: str, cfg: dict, store: Any) -> None:
         raise SaepipeError(
             f"SAE {path} reads d_in={cfg['d_in']} but store {store.path} has d_model={store.d_model}"
         )
-    trained = (cfg.get("saepipe") or {}).get("store") or {}
-    fp = trained.get("model_fingerprint")
-    if fp and fp != store.settings["model"]["fingerprint"]:
+    recorded = (cfg.get("saepipe") or {}).get("store") or []
+    # One dict per training store (train/trainer.py writes a list; older dirs hold one dict).
+    fps = {s.get("model_fingerprint") for s in ([recorded] if isinstance(recorded, dict) else recorded)} - {
+        None
+    }
+    if fps and store.settings["model"]["fingerprint"] not in fps:
         raise SaepipeError(
             f"SAE {path} was trained on activations of another model (or synthetic set) than store "
             f"{store.path}; give the store it was trained on"
@@ -187,3 +238,33 @@ def encode_stream(
                     latents.append(sp.csr_matrix(z.float().cpu().numpy()))
                 yield EncodedBatch(addr[b : b + take], x, latents, recon)
                 done += len(x)
+
+
+def measure_frontier(
+    sae_paths: list[str],
+    store_path: str,
+    hook: str | None = None,
+    batch_tokens: int = 4096,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+) -> list[FrontierPoint]:
+    """L0 and FVU of each SAE over the store's tokens (one pass, every SAE per batch), in the order given.
+
+    For callers that need the frontier without split trees, e.g. the L0 and FVU columns of the recovery
+    table (`saepipe.analyze.recovery_table.frontier_metrics`) on a synthetic set."""
+    from saepipe.harvest import open_store
+    from saepipe.train import load_sae
+
+    store = open_store(store_path)
+    saes = [load_sae(p, device=device) for p in sae_paths]
+    for sae, path in zip(saes, sae_paths):
+        check_compatible(path, sae.cfg, store)
+    hook = resolve_hook(store, [s.cfg for s in saes], hook)
+    stats = [ReconstructionStats() for _ in saes]
+    for batch in encode_stream(saes, store, hook, batch_tokens, max_tokens):
+        for r, z, x_hat in zip(stats, batch.latents, batch.recon):
+            r.update(batch.x, x_hat, z.nnz)
+    return [
+        point(p, s.cfg["architecture"], s.d_sae, r, k=s.cfg.get("k"))
+        for s, p, r in zip(saes, sae_paths, stats)
+    ]

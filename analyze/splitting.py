@@ -16,8 +16,11 @@ wide latent with no such i is `new`. Per parent, over the same tokens:
   and over all parents the histogram of how many siblings fire on one token;
 - `kind`: dropped (no child), persists (one child), clean split (two or more, overlap <= `clean_overlap`),
   blurred split (more overlap).
-Two passes over the store: the first counts co-firing (and the frontier's L0/FVU), the second, with the
-links fixed, counts per-token sibling statistics.
+Two passes over the store: the first counts co-firing (and the frontier's L0/FVU, and each latent's top
+contexts for the pages), the second, with the links fixed, counts per-token sibling statistics. On a store
+from a real model the frontier also gets each SAE's loss recovered from `saepipe evaluate`
+(saepipe.analyze.frontier.spliced_metrics), and OUT/index.html shows per parent its children's top contexts
+side by side (saepipe.analyze.split_pages).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -174,7 +178,7 @@ class SplittingConfig(StageConfig):
     store: str
     """The activation store to stream (the SAEs' hook must be in it)."""
     out: str
-    """Report directory: splits.json, frontier.json, frontier.csv, frontier.png."""
+    """Report directory: splits.json, frontier.json, frontier.csv, frontier.png, index.html (split pages)."""
     hook: str | None = None
     """Hook to read (default: the SAEs' hook_name)."""
     max_tokens: int | None = Field(None, gt=0)
@@ -189,12 +193,38 @@ class SplittingConfig(StageConfig):
     """A split is clean when at most this fraction of the parent's firing has two or more children firing."""
     device: str = "cpu"
     """Device to encode on (cpu, cuda, cuda:N)."""
+    loss_recovered: bool | None = None
+    """Splice each SAE into its model and add `saepipe evaluate`'s loss recovered and KL to the frontier
+    (default: on for a store harvested from a model, off for a synthetic one)."""
+    eval_contexts: int = Field(64, gt=0)
+    """Held-out contexts per SAE for loss recovered (as `saepipe evaluate --contexts`)."""
+    eval_batch_size: int = Field(8, gt=0)
+    """Contexts per forward pass for loss recovered."""
+    pages: bool = True
+    """Write the split-tree pages (OUT/index.html): per parent its children and their top contexts."""
+    top_contexts: int = Field(8, gt=0)
+    """Top activating contexts per latent shown on the pages."""
 
     @model_validator(mode="after")
     def _check(self) -> SplittingConfig:
         if len(set(self.saes)) != len(self.saes):
             raise ValueError("an SAE dir is given twice")
         return self
+
+
+def _spliced(cfg: SplittingConfig, store: Any, paths: list[str], progress: bool) -> dict[str, dict]:
+    """Loss recovered per SAE when asked for (or by default on a model's store); {} otherwise."""
+    from saepipe.analyze.frontier import is_model_store, spliced_metrics
+
+    want = is_model_store(store) if cfg.loss_recovered is None else cfg.loss_recovered
+    if not want:
+        return {}
+    if not is_model_store(store):
+        raise SaepipeError(
+            f"store {cfg.store} was not harvested from a model (synthetic or hand-made): there is no model to "
+            "splice the SAEs into; drop --loss-recovered"
+        )
+    return spliced_metrics(paths, cfg.store, cfg.eval_contexts, cfg.eval_batch_size, cfg.device, progress)
 
 
 def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
@@ -209,6 +239,7 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
         resolve_hook,
         write_frontier,
     )
+    from saepipe.analyze.split_pages import SparseTopN, tokenizer_decode, write_split_pages
     from saepipe.harvest import open_store
     from saepipe.train import load_sae
 
@@ -224,11 +255,14 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     cos = [cosine_matrix(decoders[a], decoders[a + 1]) for a in range(len(saes) - 1)]
     recon = [ReconstructionStats() for _ in saes]
     counts: list[CoFiring | None] = [None] * len(cos)
+    tops = [SparseTopN(s.d_sae, cfg.top_contexts) for s in saes] if cfg.pages else []
     total = min(store.n_tokens, cfg.max_tokens or store.n_tokens) * (2 if cos else 1)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="splitting", disable=not progress)
     for batch in encode_stream(saes, store, hook, cfg.batch_tokens, cfg.max_tokens):
         for r, z, xh in zip(recon, batch.latents, batch.recon):
             r.update(batch.x, xh, z.nnz)
+        for top, z in zip(tops, batch.latents):
+            top.update(z, batch.addr)
         for a in range(len(cos)):
             c = cofiring(batch.latents[a], batch.latents[a + 1])
             counts[a] = c if counts[a] is None else counts[a] + c
@@ -242,8 +276,10 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
                 sibs[a] = s if sibs[a] is None else sibs[a] + s
             bar.update(len(batch.x))
     bar.close()
+    spliced = _spliced(cfg, store, paths, progress)
     points = [
-        point(p, s.cfg["architecture"], s.d_sae, r, k=s.cfg.get("k")) for s, p, r in zip(saes, paths, recon)
+        point(p, s.cfg["architecture"], s.d_sae, r, k=s.cfg.get("k"), **spliced.get(p, {}))
+        for s, p, r in zip(saes, paths, recon)
     ]
     levels = [
         {"narrow": paths[a], "wide": paths[a + 1]}
@@ -258,23 +294,28 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
         "settings": cfg.model_dump(),
         "saes": [
             {"path": p.sae, "architecture": p.architecture, "d_sae": p.d_sae, "l0": p.l0, "fvu": p.fvu}
+            | {k: v for k, v in p.extra.items() if k in ("loss_recovered", "kl")}
             for p in points
         ],
         "levels": levels,
     }
     (out / "splits.json").write_text(json.dumps(report, indent=1))
     write_frontier(points, out, title=f"{Path(cfg.store).name} / {hook}")
+    if cfg.pages:
+        write_split_pages(out, report, tops, store, tokenizer_decode(store))
     return report
 
 
 def run(cfg: SplittingConfig) -> int:
     report = build_report(cfg)
     for s in report["saes"]:
+        lr = f"  loss recovered {s['loss_recovered']:.4f}" if "loss_recovered" in s else ""
         print(
-            f"{s['architecture']:>10} d_sae {s['d_sae']:>7}: L0 {s['l0']:8.2f}  FVU {s['fvu']:.4f}  {s['path']}"
+            f"{s['architecture']:>10} d_sae {s['d_sae']:>7}: L0 {s['l0']:8.2f}  FVU {s['fvu']:.4f}{lr}  {s['path']}"
         )
     for lv in report["levels"]:
         summary = ", ".join(f"{v} {k}" for k, v in lv["summary"].items())
         print(f"{Path(lv['narrow']).name} -> {Path(lv['wide']).name}: {summary}")
-    print(f"report written to {cfg.out} (splits.json, frontier.json/.csv/.png)")
+    pages = ", index.html" if cfg.pages else ""
+    print(f"report written to {cfg.out} (splits.json, frontier.json/.csv/.png{pages})")
     return 0

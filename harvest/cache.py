@@ -94,25 +94,53 @@ def list_entries(root: str) -> list[CacheEntry]:
     return [entry(root, name) for name in _entries(root) if store_exists(_join(root, "stores", name))]
 
 
-def verify(url: str) -> list[str]:
-    """Read every committed chunk of every array; return the damaged pieces (empty: intact)."""
+@dataclass(frozen=True)
+class Damage:
+    """One damaged piece of a store: a chunk that fails its checksum, or a shard file that is gone."""
+
+    array: str
+    start: int
+    stop: int
+    shard: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.array} contexts [{self.start}, {self.stop}) ({self.reason})"
+
+
+def find_damage(url: str) -> list[Damage]:
+    """Check every committed chunk of every array: shard file present, checksum and decoding fine."""
     s = open_store(url, allow_incomplete=True)
     group = _open_group(url, "r")
+    per = s.contexts_per_chunk * int(s.settings["chunks_per_shard"])
     damaged = []
     for name in ["tokens", *(f"{ACTS}/{h}" for h in s.hooks)]:
-        try:
-            arr = group[name]
-        except KeyError:
-            damaged.append(f"{name} (array missing)")
-            continue
+        arr = group[name]
+        missing = set(s.missing_shards(name, 0, s.n_contexts))
         for start, stop in s.chunk_bounds():
+            if start // per in missing:
+                damaged.append(
+                    Damage(
+                        name,
+                        start,
+                        stop,
+                        start // per,
+                        f"shard file {s.shard_key(name, start // per)} missing",
+                    )
+                )
+                continue
             try:
                 block = arr[start:stop]
                 if not np.issubdtype(block.dtype, np.integer) and not np.isfinite(block).all():
-                    damaged.append(f"{name} contexts [{start}, {stop}) (non-finite values)")
-            except Exception as e:  # checksum mismatch, missing shard, undecodable bytes
-                damaged.append(f"{name} contexts [{start}, {stop}) ({type(e).__name__})")
+                    damaged.append(Damage(name, start, stop, start // per, "non-finite values"))
+            except Exception as e:  # checksum mismatch, undecodable bytes
+                damaged.append(Damage(name, start, stop, start // per, type(e).__name__))
     return damaged
+
+
+def verify(url: str) -> list[str]:
+    """Read every committed chunk of every array; return the damaged pieces (empty: intact)."""
+    return [str(d) for d in find_damage(url)]
 
 
 def remove(root: str, name: str) -> str:

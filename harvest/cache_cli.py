@@ -49,7 +49,7 @@ def run(cfg: CacheConfig) -> int:
         damaged = cachelib.verify(url)
         if damaged:
             raise SaepipeError(
-                f"store {cfg.key} is damaged: {'; '.join(damaged)}; re-harvest it (`saepipe cache rm` then rerun)"
+                f"store {cfg.key} is damaged: {'; '.join(damaged)}; rerun the harvest command that made it with --repair (or `saepipe cache rm` it and rerun)"
             )
         print(f"store {cfg.key}: every committed chunk is present and its checksum matches")
         return 0

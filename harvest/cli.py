@@ -8,6 +8,10 @@ from saepipe.harvest.store import disk_bytes
 
 
 def summary(res: HarvestResult) -> str:
+    if res.repaired_shards and res.tokens_written_now == 0:
+        return (
+            f"repaired {res.repaired_shards} damaged shard(s) of store {res.path}; every chunk now verifies"
+        )
     if res.already_complete:
         return f"store {res.path} is already complete ({res.n_tokens:,} tokens); nothing to do"
     rate = res.tokens_written_now / max(res.seconds, 1e-9)

@@ -59,6 +59,9 @@ class HarvestConfig(StageConfig):
     """Put the tokenizer's BOS token at position 0 of every context."""
     seed: int = 0
     """Seed recorded in the store; packing itself is deterministic."""
+    repair: bool = False
+    """Recompute only the damaged shards of the existing store (chunks failing their checksum, missing shard
+    files; see `saepipe cache verify`), then finish it if incomplete. Give the store's own settings."""
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:

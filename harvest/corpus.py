@@ -119,7 +119,7 @@ def iter_texts(dataset: str, config: str | None, split: str, text_column: str) -
     """Texts of the dataset in its stored order."""
     ds, fixed_column = _load(dataset, config, split)
     column = fixed_column or text_column
-    for row in ds:
+    for row in _rows(ds, dataset):
         if column not in row:
             raise SaepipeError(
                 f"--text-column {column!r} is not in dataset {dataset}; its columns are: {', '.join(row)}"
@@ -131,6 +131,17 @@ def iter_texts(dataset: str, config: str | None, split: str, text_column: str) -
             )
         if text.strip():
             yield text
+
+
+def _rows(ds: Any, dataset: str) -> Iterator[dict]:
+    """The dataset's rows, with undecodable bytes (a binary file given as text) as a one-line refusal."""
+    try:
+        yield from ds
+    except UnicodeDecodeError as e:
+        raise SaepipeError(
+            f"--dataset {dataset} is not UTF-8 text ({e.reason} at byte {e.start}); give text, json, jsonl or "
+            "parquet files"
+        ) from None
 
 
 def pack_contexts(

@@ -6,6 +6,7 @@ uninterrupted run would, and the finished store is byte-identical.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import sys
@@ -38,6 +39,8 @@ class HarvestResult:
     seconds: float
     """Seconds spent harvesting (model loading excluded)."""
     already_complete: bool
+    repaired_shards: int = 0
+    """Shards recomputed by --repair."""
 
 
 def check_writable(out: str) -> None:
@@ -149,7 +152,16 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         )
     settings = store_settings(cfg, model)
     out = cfg.out if cfg.out is not None else locate(cache_root(cfg.cache), settings)
-    if cfg.out is None and store_exists(out) and (found := open_store(out, allow_incomplete=True)).complete:
+    if cfg.repair and not store_exists(out):
+        raise SaepipeError(
+            f"--repair: no store at {out} to repair; give the --out (or cache) of an existing store"
+        )
+    if (
+        cfg.out is None
+        and not cfg.repair
+        and store_exists(out)
+        and (found := open_store(out, allow_incomplete=True)).complete
+    ):
         return HarvestResult(out, found.n_contexts, found.n_tokens, 0, 0.0, True)  # a cached store serves it
     check_writable(out)
     said = False
@@ -187,9 +199,10 @@ def _write(
 
     writer = StoreWriter(out, settings)
     T = cfg.context_size
-    if writer.complete:
-        return HarvestResult(out, writer.n_contexts, writer.n_contexts * T, 0, 0.0, True)
     stop = hooklib.stop_layer(cfg.hooks, model.n_layers)
+    repaired = _repair(out, writer, cfg, model, resolved, stop) if cfg.repair else 0
+    if writer.complete:
+        return HarvestResult(out, writer.n_contexts, writer.n_contexts * T, 0, 0.0, not repaired, repaired)
     target = writer.settings["n_contexts_target"]
     done0 = writer.n_contexts
     t_loop = time.perf_counter()
@@ -204,9 +217,58 @@ def _write(
         if not rows:
             break  # the dataset ran out before the target
         tokens = np.stack(rows)
-        writer.write_shard(start, tokens, run_shard(model, resolved, stop, tokens, cfg, start), first_pos)
+        acts = run_shard(model, resolved, stop, tokens, cfg, start)
+        try:
+            writer.write_shard(start, tokens, acts, first_pos)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise SaepipeError(
+                f"store {out}: {e.strerror} while writing contexts [{start}, {start + len(rows)}) "
+                f"({writer.n_contexts} of {target} committed and intact); free space, then rerun the same command "
+                "to resume"
+            ) from None
         bar.update(len(rows) * T)
     bar.close()
     writer.finish()
     n = writer.n_contexts
-    return HarvestResult(out, n, n * T, (n - done0) * T, time.perf_counter() - t_loop, False)
+    return HarvestResult(out, n, n * T, (n - done0) * T, time.perf_counter() - t_loop, False, repaired)
+
+
+def _repair(
+    out: str,
+    writer: StoreWriter,
+    cfg: HarvestConfig,
+    model: LoadedModel,
+    resolved: dict[str, str],
+    stop: int | None,
+) -> int:
+    """Recompute the committed shards that hold damage; batches start at shard boundaries as in the first
+    run, so the repaired shard files are byte-identical to undamaged ones."""
+    from saepipe.harvest.cache import find_damage
+
+    shards = sorted({d.shard for d in find_damage(out)})
+    if not shards:
+        return 0
+    contexts = pack_contexts(
+        iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column),
+        model.tokenizer,
+        cfg.context_size,
+        cfg.prepend_bos,
+    )
+    per, done = writer.shard_contexts, 0
+    for shard in shards:
+        start, end = shard * per, min((shard + 1) * per, writer.n_contexts)
+        rows = list(itertools.islice(contexts, start - done, end - done))
+        done = end
+        if len(rows) != end - start:
+            raise SaepipeError(
+                f"--repair: --dataset {cfg.dataset} no longer yields the store's contexts; re-harvest"
+            )
+        tokens = np.stack(rows)
+        writer.rewrite_shard(shard, tokens, run_shard(model, resolved, stop, tokens, cfg, start))
+    if left := find_damage(out):
+        raise SaepipeError(
+            f"store {out} is still damaged after --repair ({left[0]}); re-harvest into a new --out"
+        )
+    return len(shards)

@@ -45,7 +45,9 @@ def resolve_hooks(bridge: Any, names: list[str]) -> dict[str, str]:
         elif name in bridge.hook_dict:
             resolved[name] = name
         else:
-            close = difflib.get_close_matches(name, list(aliases) + list(bridge.hook_dict), n=4, cutoff=0.6)
+            close = difflib.get_close_matches(
+                name, list(dict.fromkeys([*aliases, *bridge.hook_dict])), n=4, cutoff=0.6
+            )
             hint = f"close names: {', '.join(close)}" if close else "e.g. blocks.0.hook_resid_post"
             raise SaepipeError(f"unknown hook {name!r} for this model; {hint}")
     return resolved

@@ -19,6 +19,11 @@ non-BOS positions (`count`, `mean` [d_model], `mean_sq_norm`).
 
 Writes are whole shards, each followed by a metadata commit, so a killed writer leaves a store that claims
 no more than it holds and resumes at the first uncommitted shard.
+
+Reads trust nothing silently: opening checks the metadata against the arrays (shape, dtype, commit count),
+every read checks that the shard files it needs exist (zarr alone reads a missing shard as zeros, its fill
+value) and names the first chunk whose checksum fails. `saepipe cache verify` checks every chunk;
+`saepipe harvest ... --repair` recomputes only the damaged shards, byte-identical to the originals.
 """
 
 from __future__ import annotations
@@ -92,13 +97,47 @@ class ActivationStore:
                 f"store {path} has schema version {version}, newer than this saepipe reads ({SCHEMA_VERSION}); "
                 "upgrade saepipe"
             )
-        if not meta["complete"] and not allow_incomplete:
+        self.path = path
+        self.meta: dict[str, Any] = meta
+        self.settings: dict[str, Any] = meta.get("settings") or {}
+        self.storage_options = storage_options
+        self._files: set[str] | None = None
+        self._check_layout()
+        if not meta.get("complete") and not allow_incomplete:
             raise SaepipeError(
-                f"store {path} is incomplete ({meta['n_contexts']} of {meta['settings']['n_contexts_target']} "
+                f"store {path} is incomplete ({meta['n_contexts']} of {self.settings['n_contexts_target']} "
                 "contexts); rerun the same harvest command to finish it"
             )
-        self.meta: dict[str, Any] = meta
-        self.settings: dict[str, Any] = meta["settings"]
+
+    def _check_layout(self) -> None:
+        """Refuse metadata that disagrees with the arrays (an edited or damaged zarr.json)."""
+        s, n = self.settings, self.meta.get("n_contexts")
+        try:
+            expected = {"tokens": ((s["context_size"],), "int32")}
+            expected.update(
+                {f"{ACTS}/{h}": ((s["context_size"], s["model"]["d_model"]), s["dtype"]) for h in s["hooks"]}
+            )
+            target = int(s["n_contexts_target"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SaepipeError(
+                f"store {self.path}: zarr.json metadata is damaged (settings lack {e}); re-harvest"
+            ) from None
+        if not isinstance(n, int) or not 0 <= n <= target:
+            raise SaepipeError(
+                f"store {self.path}: zarr.json claims {n!r} committed contexts of {target}; re-harvest"
+            )
+        for name, (tail, dtype) in expected.items():
+            try:
+                arr = self.group[name]
+            except (KeyError, ValueError, FileNotFoundError):
+                raise SaepipeError(
+                    f"store {self.path}: array {name} is missing or its zarr.json is damaged; re-harvest"
+                ) from None
+            if tuple(arr.shape[1:]) != tail or arr.shape[0] < n or str(arr.dtype) != dtype:
+                raise SaepipeError(
+                    f"store {self.path}: array {name} is {arr.dtype!s} {list(arr.shape)} but the metadata says "
+                    f"{dtype} [>={n}, {', '.join(map(str, tail))}]; the store's zarr.json was edited or damaged; re-harvest"
+                )
 
     @property
     def n_contexts(self) -> int:
@@ -131,8 +170,9 @@ class ActivationStore:
 
     def refresh(self) -> None:
         """Re-read the metadata (to follow a store that is still being written)."""
-        self.group = _open_group(self.path, "r")
+        self.group = _open_group(self.path, "r", self.storage_options)
         self.meta = dict(self.group.attrs)["saepipe"]
+        self._files = None
 
     def _array(self, hook: str) -> zarr.Array:
         if hook not in self.hooks:
@@ -147,20 +187,54 @@ class ActivationStore:
         """Token ids [stop - start, context_size] int32."""
         stop = self.n_contexts if stop is None else stop
         self._check(start, stop)
-        return self.group["tokens"][start:stop]
+        return self._read("tokens", start, stop)
 
     def activations(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Activations [stop - start, context_size, d_model] in the store's dtype."""
         stop = self.n_contexts if stop is None else stop
         self._check(start, stop)
-        arr = self._array(hook)
-        try:
-            return arr[start:stop]
-        except Exception as e:  # zarr surfaces checksum and decode failures under several types
+        self._array(hook)
+        return self._read(f"{ACTS}/{hook}", start, stop)
+
+    def shard_key(self, name: str, shard: int) -> str:
+        return shard_key(name, shard)
+
+    def missing_shards(self, name: str, start: int, stop: int) -> list[int]:
+        """Shards of `name` over committed contexts [start, stop) whose file is absent: zarr would silently
+        read them as zeros (its fill value), so every read checks first."""
+        if self._files is None:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(self.path, **(self.storage_options or {}))
+            root = root.rstrip("/")
+            self._files = {p[len(root) + 1 :] for p in fs.find(root)}
+        per = self.contexts_per_chunk * int(self.settings["chunks_per_shard"])
+        shards = range(start // per, -(-stop // per)) if stop > start else range(0)
+        return [i for i in shards if self.shard_key(name, i) not in self._files]
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of array `name`, or a one-line error naming the damaged shard file."""
+        fix = "repair it with the same `saepipe harvest` command plus --repair"
+        per = self.contexts_per_chunk * int(self.settings["chunks_per_shard"])
+        if missing := self.missing_shards(name, start, stop):
+            i = missing[0]
             raise SaepipeError(
-                f"store {self.path}: damaged data in {ACTS}/{hook} contexts [{start}, {stop}) ({e}); "
-                "re-harvest into a new store"
-            ) from None
+                f"store {self.path}: shard file {self.shard_key(name, i)} (contexts [{i * per}, "
+                f"{min((i + 1) * per, self.n_contexts)})) is missing; {fix}"
+            )
+        try:
+            return self.group[name][start:stop]
+        except Exception:  # zarr surfaces checksum and decode failures under several types
+            c = self.contexts_per_chunk
+            for a in range(start - start % c, stop, c):  # name the first damaged chunk
+                try:
+                    self.group[name][a : min(a + c, stop)]
+                except Exception as e:
+                    raise SaepipeError(
+                        f"store {self.path}: chunk {name} contexts [{a}, {min(a + c, self.n_contexts)}) in shard "
+                        f"file {self.shard_key(name, a // per)} is damaged ({e}); {fix}"
+                    ) from None
+            raise
 
     def chunk_bounds(self) -> list[tuple[int, int]]:
         """(start, stop) context ranges of the committed chunks, the unit a loader reads and shuffles."""
@@ -181,6 +255,11 @@ class ActivationStore:
             acts = self.activations(hook, start, stop)[:, first:]
             ctx, pos = np.meshgrid(np.arange(start, stop), np.arange(first, T), indexing="ij")
             yield acts.reshape(-1, acts.shape[-1]), np.stack([ctx.ravel(), pos.ravel()], axis=1)
+
+
+def shard_key(name: str, shard: int) -> str:
+    """Path of an array's shard file inside the store (`c/<shard>/0[/0]`, zarr's default key encoding)."""
+    return "/".join([name, "c", str(shard), *(["0"] * (1 if name == "tokens" else 2))])
 
 
 def open_store(
@@ -268,6 +347,24 @@ class StoreWriter:
             stats[hook] = _merge_stats(stats[hook], a[:, first_pos:])
         self.meta["n_contexts"] = stop
         self.group.update_attributes({"saepipe": self.meta})  # the commit: written last, atomically
+
+    def rewrite_shard(self, shard: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+        """Replace committed shard `shard` of every array with recomputed contexts (`--repair`); the
+        metadata and statistics stay as committed, since they were computed from the original bytes."""
+        import fsspec
+
+        start = shard * self.shard_contexts
+        if start + len(tokens) > self.n_contexts:
+            raise ValueError(f"shard {shard} is not committed")
+        fs, root = fsspec.core.url_to_fs(self.path)
+        for name in ["tokens", *(f"{ACTS}/{h}" for h in acts)]:
+            key = f"{root.rstrip('/')}/{shard_key(name, shard)}"
+            if fs.exists(key):
+                fs.rm(key)  # zarr would read a damaged shard back to merge into it
+        stop = start + len(tokens)
+        self.group["tokens"][start:stop] = tokens
+        for hook, a in acts.items():
+            self.group[f"{ACTS}/{hook}"][start:stop] = a
 
     def finish(self) -> None:
         """Shrink the arrays to what was committed (the dataset may run out early) and mark complete."""

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from saepipe.config import Command, add_config_args, config_from_args
 from saepipe.errors import SaepipeError
@@ -42,9 +43,16 @@ def commands() -> dict[str, Command]:
     return found
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors as one line too, like every SaepipeError (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser; only the chosen command's config is imported, so `saepipe --help` stays fast."""
-    parser = argparse.ArgumentParser(prog="saepipe", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="saepipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in commands().items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
@@ -63,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(_load(cmd.config), args)
         return int(_load(cmd.run)(cfg) or 0)
     except SaepipeError as e:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # past a progress bar's last frame, which ends without a newline
         print(f"saepipe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

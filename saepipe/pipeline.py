@@ -222,7 +222,7 @@ class Runner:
             from saepipe.harvest.synthetic import HOOK
 
             s = self.build("synth", {"out": str(self.out / "synth")})
-            return {"store": f"{s.out}/store", "truth": f"{s.out}/truth", "hook": HOOK}
+            return {"store": f"{s.out}/store", "truth": s.out, "hook": HOOK}
         if stage == "train":
             t = self.configs("train", ctx)[0][1]
             return {"sae_dirs": {s.name: str(Path(t.out) / s.name) for s in t.specs()}}
@@ -362,7 +362,7 @@ def _run_synth(configs: list) -> dict[str, Any]:
 
     ((_, cfg),) = configs
     run(cfg)
-    return {"store": f"{cfg.out}/store", "truth": f"{cfg.out}/truth", "hook": HOOK}
+    return {"store": f"{cfg.out}/store", "truth": cfg.out, "hook": HOOK}
 
 
 def _run_train(configs: list) -> dict[str, Any]:
@@ -383,13 +383,35 @@ def _each(runner: str, out_key: str) -> Callable[[list], dict[str, Any]]:
     return execute
 
 
+def _run_recovery(configs: list) -> dict[str, Any]:
+    """Score every SAE, then one table of recovery by frequency decile across them (with L0 and FVU)."""
+    from saepipe.analyze.frontier import as_row, measure_frontier
+    from saepipe.analyze.recovery import run
+    from saepipe.analyze.recovery_table import frontier_metrics, load_reports, recovery_table
+
+    for _, cfg in configs:
+        run(cfg)
+    first = configs[0][1]
+    points = measure_frontier([c.sae for _, c in configs], first.store, max_tokens=first.max_tokens)
+    table = recovery_table(
+        load_reports({name: c.out for name, c in configs}), frontier_metrics([as_row(p) for p in points])
+    )
+    out = Path(first.out).parent
+    (out / "table.md").write_text(table.markdown + "\n")
+    (out / "table.json").write_text(table.json())
+    print(
+        f"\nrecovery by feature frequency (rarest decile first), also in {out / 'table.md'}:\n{table.markdown}"
+    )
+    return {"files": [str(c.out) for _, c in configs] + [str(out / "table.md")]}
+
+
 EXECUTE: dict[str, Callable[[list], dict[str, Any]]] = {
     "harvest": _run_harvest,
     "synth": _run_synth,
     "train": _run_train,
     "analyze": _each("saepipe.analyze.cli:run", "out"),
     "evaluate": _each("saepipe.analyze.cli:run_evaluate", "out"),
-    "recovery": _each("saepipe.analyze.recovery:run", "out"),
+    "recovery": _run_recovery,
     "splitting": _each("saepipe.analyze.splitting:run", "out"),
 }
 

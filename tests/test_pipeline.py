@@ -179,3 +179,24 @@ def test_pipeline_on_s3_cache(tmp_path, tiny_pipeline, s3_bucket, capsys):
     assert sae.cfg["saepipe"]["store"][0]["path"] == store
     report = json.loads((tmp_path / "runs" / "tiny" / "analyze" / "topk-w64-k4" / "report.json").read_text())
     assert report["n_tokens"] == 32 * 31
+
+
+def test_synthetic_pipeline_writes_the_recovery_table(tmp_path, capsys):
+    pipelines = {
+        "syn": {
+            "out": str(tmp_path / "runs" / "syn"),
+            "synth": {"n_features": 48, "d_model": 16, "tokens": 8192, "context_size": 32, "freq_max": 0.3,
+                      "freq_min": 0.003, "contexts_per_chunk": 8, "chunks_per_shard": 4},
+            "train": {"arch": ["topk", "relu"], "width": [32, 64], "k": 2, "tokens": 16384, "batch_size": 512,
+                      "buffer_tokens": 2048, "lr": 0.003, "log_every": 16, "checkpoint_every": 16},
+            "recovery": {"n_bins": 4},
+        }
+    }  # fmt: skip
+    assert main(["run", "syn", "--config", _write(tmp_path, pipelines)]) == 0
+    out = capsys.readouterr().out
+    table = (tmp_path / "runs" / "syn" / "recovery" / "table.md").read_text()
+    assert table.strip() in out
+    rows = [line for line in table.splitlines() if line.startswith("| topk") or line.startswith("| relu")]
+    assert len(rows) == 4  # 2 architectures x 2 widths
+    data = json.loads((tmp_path / "runs" / "syn" / "recovery" / "table.json").read_text())
+    assert data and "L0" in table and "FVU" in table

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from safetensors.numpy import save_file
 
 from saepipe.analyze.splitting import SplittingConfig, build_report, cofiring, link_latents
@@ -176,3 +177,163 @@ def test_link_prefers_cosine_times_containment():
     parent = link_latents(cos, cofiring(lat_a, lat_b), min_cos=0.3, min_coactivation=0.5)
     assert parent.tolist() == [0]
     assert link_latents(cos, cofiring(lat_a, lat_b), min_cos=0.7, min_coactivation=0.5).tolist() == [-1]
+
+
+def _data_script(path: Path, call: str):
+    """The object a data script passes to SAEPIPE.<call>(...)."""
+    text = path.read_text()
+    prefix = f"SAEPIPE.{call}("
+    assert text.startswith(prefix) and text.endswith(");\n")
+    return json.loads(text[len(prefix) : -3])
+
+
+def test_sparse_top_n_equals_brute_force():
+    """Streamed in batches, with ties and latents that never fire: the top-n of a full sort."""
+    from saepipe.analyze.split_pages import SparseTopN
+
+    rng = np.random.default_rng(3)
+    N, L, n = 500, 7, 4
+    z = np.where(rng.random((N, L)) < 0.3, rng.integers(1, 6, (N, L)).astype(np.float32), 0)  # many ties
+    z[:, 5] = 0  # never fires
+    z[:, 6] = 0
+    z[:7, 6] = [3, 0, 0, 2, 0, 0, 5]  # fewer than n active
+    addr = np.stack([np.arange(N) // 10, np.arange(N) % 10], axis=1)
+    top = SparseTopN(L, n)
+    for b in range(0, N, 64):
+        top.update(sp.csr_matrix(z[b : b + 64]), addr[b : b + 64])
+    for latent in range(L):
+        rows = [r for r in sorted(range(N), key=lambda r: (-z[r, latent], r)) if z[r, latent] > 0][:n]
+        vals, got = top.of(latent)
+        assert vals.tolist() == z[rows, latent].tolist() and got.tolist() == addr[rows].tolist()
+    assert len(top.of(5)[0]) == 0 and len(top.of(6)[0]) == 3
+
+
+def test_split_pages_show_parents_children_and_their_top_contexts(tmp_path, world):
+    root, kind, x = world
+    narrow, wide, ids = _ladder(tmp_path, blur=False)
+    out = tmp_path / "r"
+    cfg = SplittingConfig(
+        saes=[str(narrow), str(wide)], store=str(root / "store"), out=str(out), top_contexts=5
+    )
+    build_report(cfg, progress=False)
+    assert (out / "index.html").exists()
+    data = _data_script(out / "data" / "splits.js", "setSplits")
+    assert _data_script(out / "data" / "vocab.js", "setVocab") == {}  # no tokenizer: the page shows ⟨id⟩
+    assert data["has_frontier_png"] and [s["d_sae"] for s in data["saes"]] == [2, 4]
+    (level,) = data["levels"]
+    assert (level["narrow"], level["wide"]) == (0, 1)
+    by = {p["latent"]: p for p in level["parents"]}
+    assert sorted(c["latent"] for c in by[ids["parent_split"]]["children"]) == ids["halves"]
+    assert by[ids["parent_split"]]["kind"] == "clean split"
+    n1, n2 = int((kind == 1).sum()), int((kind == 2).sum())
+    shares = {c["latent"]: c["share"] for c in by[0]["children"]}
+    assert shares == pytest.approx({3: n1 / (n1 + n2), 1: n2 / (n1 + n2)})
+    assert {c["latent"]: round(c["cos"], 6) for c in by[0]["children"]} == {
+        1: round(2**-0.5, 6),
+        3: round(2**-0.5, 6),
+    }
+
+    # Top contexts of the parent and of each child against the contract's relu encoding in numpy.
+    from safetensors.numpy import load_file
+
+    for s, sae, latents in ((0, narrow, [0, 1]), (1, wide, [1, 2, 3])):
+        w = {k: v.astype(np.float64) for k, v in load_file(str(sae / "sae_weights.safetensors")).items()}
+        z = np.maximum((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"], 0).astype(np.float32)
+        for latent in latents:
+            rows = [r for r in np.argsort(-z[:, latent], kind="stable")[:5] if z[r, latent] > 0]
+            shown = data["contexts"][f"{s}/{latent}"]
+            np.testing.assert_allclose(shown["values"], z[rows, latent], rtol=1e-6)
+            assert shown["contexts"] == [r // T for r in rows] and shown["positions"] == [r % T for r in rows]
+            for r, window, peak in zip(rows, shown["windows"], shown["peaks"]):
+                c, p = divmod(int(r), T)
+                lo = max(0, p - 15)
+                assert window == kind[c * T + lo : c * T + min(T, p + 5)].tolist() and peak == p - lo
+    assert "0/1" in data["contexts"] and "1/0" not in data["contexts"]  # latent 0 of the wide SAE is new
+
+
+def _chromium_missing() -> str | None:
+    import shutil
+
+    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
+        return "Debian's chromium and chromium-driver are not installed (scripts/setup.sh installs them)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e .[dev])"
+    return None
+
+
+def test_split_page_in_a_real_browser(tmp_path, world):
+    """The parent's page shows the parent and its two children side by side with their contexts."""
+    reason = _chromium_missing()
+    if reason:
+        pytest.skip(reason)
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, _, _ = world
+    narrow, wide, _ = _ladder(tmp_path, blur=True)
+    out = tmp_path / "r"
+    build_report(
+        SplittingConfig(
+            saes=[str(narrow), str(wide)], store=str(root / "store"), out=str(out), top_contexts=3
+        ),
+        progress=False,
+    )
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        opts.add_argument(arg)
+    opts.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    try:
+        wait = WebDriverWait(driver, 20)
+        driver.get((out / "index.html").as_uri())
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        rows = driver.find_elements(By.CSS_SELECTOR, "table.parents tr[data-latent]")
+        assert [r.get_attribute("data-latent") for r in rows] == ["0", "1"]  # the split first
+        assert "blurred split" in rows[0].text
+        driver.get((out / "index.html").as_uri() + "#level/0/parent/0")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#family .latent")) == 3)
+        cols = driver.find_elements(By.CSS_SELECTOR, "#family .latent")
+        assert [c.get_attribute("data-latent") for c in cols] == ["0", "1", "3"]
+        data = _data_script(out / "data" / "splits.js", "setSplits")
+        for col, key in zip(cols, ["0/0", "1/1", "1/3"]):
+            ctxs = col.find_elements(By.CSS_SELECTOR, ".ctx")
+            assert [float(c.get_attribute("data-value")) for c in ctxs] == data["contexts"][key]["values"]
+            peak = ctxs[0].find_element(By.CSS_SELECTOR, ".tok.peak")
+            assert peak.text == f"⟨{data['contexts'][key]['windows'][0][data['contexts'][key]['peaks'][0]]}⟩"
+        assert "share of parent's firing" in cols[1].text
+        logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not logs, logs
+    finally:
+        driver.quit()
+
+
+def test_loss_recovered_needs_a_model_store(tmp_path, world, capsys):
+    root, _, _ = world
+    narrow, wide, _ = _ladder(tmp_path, blur=False)
+    argv = ["splitting", "--saes", str(narrow), "--saes", str(wide), "--store", str(root / "store")]
+    assert main([*argv, "--out", str(tmp_path / "r"), "--loss-recovered", "--no-pages"]) == 2
+    assert "no model to splice the SAEs into" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "r2"), "--no-pages"]) == 0  # default: off for this store
+    assert not (tmp_path / "r2" / "index.html").exists()
+    assert "loss_recovered" not in json.loads((tmp_path / "r2" / "frontier.json").read_text())[0]
+
+
+def test_measure_frontier_equals_brute_force(tmp_path, world):
+    from saepipe.analyze.frontier import measure_frontier
+
+    root, _, x = world
+    narrow, wide, _ = _ladder(tmp_path, blur=True)
+    points = measure_frontier([str(wide), str(narrow)], str(root / "store"), batch_tokens=300)
+    assert [p.d_sae for p in points] == [4, 2]  # in the order given
+    for p, sae in zip(points, (wide, narrow)):
+        l0, fvu = _relu_reference(sae, x.astype(np.float64))
+        assert p.l0 == pytest.approx(l0, rel=1e-6) and p.fvu == pytest.approx(fvu, rel=1e-5, abs=1e-9)
+        assert p.n_tokens == C * T

@@ -109,3 +109,15 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_store, tmp_path):
         assert set(got) == set(want)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}/{key}")
+
+
+def test_checkpoint_left_only_as_old_is_recovered(tmp_path):
+    """A kill between the checkpoint's two renames leaves `checkpoint.old`: resume must use it, not restart."""
+    from saepipe.train import checkpoint
+
+    out = tmp_path / "run"
+    (out / "checkpoint.old").mkdir(parents=True)
+    (out / "checkpoint.old" / "state.json").write_text('{"step": 7}')
+    (out / "checkpoint.partial").mkdir()
+    assert checkpoint.exists(out) and checkpoint.read_state(out)["step"] == 7
+    assert not (out / "checkpoint.old").exists()

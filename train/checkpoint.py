@@ -12,6 +12,7 @@ renames, so a kill at any moment leaves the previous complete checkpoint or the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,7 +86,16 @@ def save(
 
 
 def exists(out: Path) -> bool:
+    _recover(out)
     return (out / DIR / "state.json").is_file()
+
+
+def _recover(out: Path) -> None:
+    """A kill between `save`'s two renames leaves only `checkpoint.old`: it is the last complete one."""
+    final, old = out / DIR, out / (DIR + ".old")
+    if not final.exists() and (old / "state.json").is_file():
+        with contextlib.suppress(FileNotFoundError):  # another rank may have moved it back first
+            os.replace(old, final)
 
 
 def read_state(out: Path) -> dict[str, Any]:

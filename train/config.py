@@ -56,6 +56,9 @@ class TrainConfig(StageConfig):
     """jumprelu: weight of the L0 penalty."""
     jumprelu_bandwidth: float = Field(0.001, gt=0)
     """jumprelu: width of the straight-through estimator's kernel."""
+    jumprelu_threshold_init: float = Field(0.001, gt=0)
+    """jumprelu: starting threshold of every latent (raise it towards typical latent values, e.g. 0.5 with
+    --normalize, when L0 stays far above the target)."""
     auxk_coefficient: float = Field(1 / 32, ge=0)
     """topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents."""
     dead_window: int = Field(1_000_000, gt=0)
@@ -112,6 +115,7 @@ class TrainConfig(StageConfig):
             "l1_coefficient": self.l1_coefficient,
             "l0_coefficient": self.l0_coefficient,
             "bandwidth": self.jumprelu_bandwidth,
+            "threshold_init": self.jumprelu_threshold_init,
             "auxk_coefficient": self.auxk_coefficient,
         }
         out = []

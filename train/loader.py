@@ -146,6 +146,12 @@ class ActivationLoader:
             i, a, b = self.chunks[chunk]
             store, first = self.stores[i], self.first_pos[i]
             acts = store.activations(self.hook, a, b)[:, first:]
+            if not np.isfinite(acts).all():  # a poisoned store: say where, never train on it
+                c, p = np.argwhere(~np.isfinite(acts).all(axis=-1))[0]
+                raise SaepipeError(
+                    f"store {store.path}: NaN/inf activation at hook {self.hook}, context {a + int(c)}, position "
+                    f"{first + int(p)}; re-harvest that store (`saepipe cache verify` lists every such chunk)"
+                )
             rows.append(acts.reshape(-1, self.d_model).astype(np.float32))
             ctx, pos = np.meshgrid(np.arange(a, b), np.arange(first, store.context_size), indexing="ij")
             addresses.append(np.stack([np.full(ctx.size, i), ctx.ravel(), pos.ravel()], axis=1))

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saepipe.errors import SaepipeError
@@ -109,7 +110,17 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise SaepipeError(
             f"{path} is not an SAE dir (needs {CFG} and {WEIGHTS}); give a `saepipe train` output"
         )
-    cfg = json.loads((path / CFG).read_text())
+    try:
+        cfg = json.loads((path / CFG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SaepipeError(
+            f"{path}/{CFG} is not valid JSON ({e}); restore the SAE dir or rerun `saepipe train`"
+        ) from None
+    missing = [key for key in ("architecture", "d_in", "d_sae") if key not in cfg]
+    if missing:
+        raise SaepipeError(
+            f"{path}/{CFG} lacks {', '.join(missing)}; restore the SAE dir or rerun `saepipe train`"
+        )
     arch = cfg.get("architecture")
     if arch not in ARCHITECTURES:
         raise SaepipeError(
@@ -118,8 +129,19 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     hparams = dict(cfg.get("saepipe", {}).get("hparams") or {})
     if "matryoshka_prefixes" in cfg:
         hparams["prefixes"] = cfg["matryoshka_prefixes"]
-    sae = build_sae(arch, int(cfg["d_in"]), int(cfg["d_sae"]), k=cfg.get("k"), hparams=hparams)
-    tensors = load_file(str(path / WEIGHTS))
+    try:
+        sae = build_sae(arch, int(cfg["d_in"]), int(cfg["d_sae"]), k=cfg.get("k"), hparams=hparams)
+    except (TypeError, ValueError) as e:
+        raise SaepipeError(
+            f"{path}/{CFG} has unusable values ({e}); restore the SAE dir or rerun `saepipe train`"
+        ) from None
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except SafetensorError as e:  # truncated or not safetensors at all; never fall back to pickle
+        raise SaepipeError(
+            f"{path}/{WEIGHTS} is damaged or not a safetensors file ({e}); restore the SAE dir or rerun "
+            "`saepipe train`"
+        ) from None
     expected = set(sae_tensors(sae))
     if set(tensors) != expected:
         raise SaepipeError(

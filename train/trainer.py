@@ -13,14 +13,19 @@ Both are pure functions of the step, so the "scheduler state" in a checkpoint is
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from saepipe.errors import SaepipeError
+from saepipe.harvest.models import resolve_device
 from saepipe.train import checkpoint, distributed
 from saepipe.train.config import TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
@@ -101,10 +106,28 @@ def _compared(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in FREE_TO_CHANGE}
 
 
+def check_out(out: Path) -> None:
+    """Refuse an unusable --out before reading any store (a run dir is a directory we can write in)."""
+    if out.exists() and not out.is_dir():
+        raise SaepipeError(f"--out {out} is an existing file; give a directory for the run")
+    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    try:  # try it for real: os.access says yes to root even where nothing can be written
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".saepipe-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SaepipeError(
+            f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable path"
+        ) from None
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
-    info = distributed.init(cfg.device)
     out = Path(cfg.out)
+    check_out(out)
+    if cfg.device != "auto":
+        resolve_device(cfg.device)  # a one-line refusal for a device that is not there
+    info = distributed.init(cfg.device)
     config = {**cfg.model_dump(), "world_size": info.world_size}
     specs = cfg.specs()
     sae_dirs = {s.name: out / s.name for s in specs}
@@ -163,23 +186,27 @@ def train(cfg: TrainConfig) -> TrainResult:
                 reporter.log(done, total, done * global_batch, per_sae)
                 metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
             if done % cfg.checkpoint_every == 0 and done < total:
-                checkpoint.save(out, done, config, reporter.wandb_id, saes, optimizers, batch.position)
+                _check_finite(saes, done, out)  # never replace a good checkpoint with a diverged one
+                with _disk_full_is_an_error(out, f"the checkpoint of step {done:,}"):
+                    checkpoint.save(out, done, config, reporter.wandb_id, saes, optimizers, batch.position)
     finally:
         stream.close()
 
-    if info.is_main:
-        for spec in specs:
-            save_sae(
-                saes[spec.name],
-                sae_dirs[spec.name],
-                hook_name=cfg.hook,
-                model_name=loader.stores[0].settings["model"]["name"],
-                input_scale=loader.scale,
-                **_sae_extra(cfg, loader, total, global_batch),
-            )
-    checkpoint.save(out, total, {**config}, reporter.wandb_id, saes, optimizers, StreamPosition())
-    if info.is_main:
-        checkpoint.mark_complete(out)
+    _check_finite(saes, total, out)
+    with _disk_full_is_an_error(out, "the SAE dirs"):
+        if info.is_main:
+            for spec in specs:
+                save_sae(
+                    saes[spec.name],
+                    sae_dirs[spec.name],
+                    hook_name=cfg.hook,
+                    model_name=loader.stores[0].settings["model"]["name"],
+                    input_scale=loader.scale,
+                    **_sae_extra(cfg, loader, total, global_batch),
+                )
+        checkpoint.save(out, total, {**config}, reporter.wandb_id, saes, optimizers, StreamPosition())
+        if info.is_main:
+            checkpoint.mark_complete(out)
     reporter.finish()
     return TrainResult(
         out, sae_dirs, total - start_step, (total - start_step) * global_batch, start_step,
@@ -210,6 +237,43 @@ def _sae_extra(cfg: TrainConfig, loader: ActivationLoader, steps: int, global_ba
             },
         },
     }
+
+
+@contextlib.contextmanager
+def _disk_full_is_an_error(out: Path, what: str):
+    """A full disk stops the run with one line; checkpoints are swapped in by rename, so the last complete
+    one is intact and rerunning the same command resumes from it."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        full = (
+            e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            if isinstance(e, OSError)
+            else "os error 28" in str(e)
+        )
+        if not full:  # safetensors reports ENOSPC as its own error type, with the OS error in the text
+            raise
+        raise SaepipeError(
+            f"run {out}: {os.strerror(errno.ENOSPC) if not isinstance(e, OSError) else e.strerror} while writing "
+            f"{what}; the last complete checkpoint is kept; free space, then rerun the same command to resume"
+        ) from None
+
+
+def _check_finite(saes: dict[str, SAE], step: int, out: Path) -> None:
+    """Refuse to save weights that went NaN/inf (a diverged run); the last checkpoint stays as it was."""
+    for name, sae in saes.items():
+        bad = [n for n, p in sae.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            kept = checkpoint.read_state(out)["step"] if checkpoint.exists(out) else None
+            raise SaepipeError(
+                f"training diverged: SAE {name} has NaN/inf in {', '.join(bad)} at step {step:,}; nothing was saved "
+                + (
+                    f"(the checkpoint of step {kept:,} is kept)"
+                    if kept is not None
+                    else "(no checkpoint yet)"
+                )
+                + "; lower --lr and rerun with --no-resume or a new --out"
+            )
 
 
 def _refuse_different(out: Path, have: dict, want: dict) -> None:

@@ -1,0 +1,201 @@
+"""SIGKILL each stage at many points (more than 20 per stage), rerun, and end exactly where an uninterrupted
+run ends: harvest byte-identical, training with the same weights (CPU, fixed seed), analysis the same report.
+
+Each run is a real separate process running `saepipe.cli.main`, killed with SIGKILL at increasing progress
+points (committed contexts, checkpoint steps, report files) and at random short delays. To keep ~60 kills
+fast, processes fork from a forkserver that has already imported torch and saepipe (a fresh interpreter
+would cost 3-5 s each); the forkserver itself never runs a model, so forking it is safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+H1 = "blocks.1.hook_resid_post"
+_CTX = None
+
+
+def _child(argv: list[str]) -> None:
+    import sys
+
+    import torch
+
+    from saepipe.cli import main
+
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process ends with it)
+    # One thread, as in tests/test_train_e2e.py (and it keeps ~60 processes from fighting over 2 cores).
+    torch.set_num_threads(1)
+
+    os._exit(main(argv))
+
+
+def _ctx():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["torch", "transformers", "transformers.models.llama.modeling_llama",
+                                     "transformer_lens", "datasets", "zarr", "saepipe.cli",
+                                     "saepipe.harvest.harvester", "saepipe.train.trainer",
+                                     "saepipe.analyze.analysis"])  # fmt: skip
+    return _CTX
+
+
+def start(argv: list[str]) -> mp.Process:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    p = _ctx().Process(target=_child, args=(argv,))
+    p.start()
+    return p
+
+
+def run_to_end(argv: list[str]) -> None:
+    p = start(argv)
+    p.join(300)
+    assert p.exitcode == 0, f"{argv[0]} exited {p.exitcode}"
+
+
+def kill_at(argv: list[str], ready: Callable[[], bool], delay: float = 0.0, timeout: float = 60) -> bool:
+    """Start `argv`, SIGKILL it once `ready()` holds (then after `delay` s); False if it finished first."""
+    p = start(argv)
+    deadline = time.monotonic() + timeout
+    while p.is_alive() and not ready() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if delay:
+        time.sleep(delay)
+    if not p.is_alive():
+        p.join()
+        return False
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    assert p.exitcode == -signal.SIGKILL
+    return True
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(s in str(p.relative_to(root)) for s in skip)
+    }
+
+
+def committed(store: Path) -> int:
+    try:
+        return json.loads((store / "zarr.json").read_text())["attributes"]["saepipe"]["n_contexts"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+def test_harvest_killed_many_times_ends_byte_identical(tmp_path, tiny_model_dir, small_corpus):
+    def argv(out: Path) -> list[str]:
+        return ["harvest", "--model", str(tiny_model_dir), "--dataset", str(small_corpus), "--hook", H1,
+                "--tokens", str(200 * 32), "--context-size", "32", "--batch-size", "2", "--contexts-per-chunk", "2",
+                "--chunks-per-shard", "2", "--dtype", "float16", "--out", str(out)]  # fmt: skip
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    run_to_end(argv(ref))
+    rng = random.Random(0)
+    kills, points = 0, []
+    for i in range(22):
+        # alternate: a progress threshold (kill right after a commit, or a little into the next shard), and
+        # a random delay after start (model loading, packing, mid-write)
+        if i % 2 == 0:
+            target = min(committed(out) + rng.choice([4, 8, 12]), 196)
+            ok = kill_at(
+                argv(out), lambda t=target: committed(out) >= t, delay=rng.choice([0, 0, 0.003, 0.01])
+            )
+        else:
+            ok = kill_at(argv(out), lambda: True, delay=rng.uniform(0.05, 1.0))
+        kills += ok
+        points.append(committed(out))
+        assert committed(out) < 200 or not ok
+    assert kills >= 20, points
+    assert len(set(points)) >= 8, f"kill points not varied: {points}"
+    run_to_end(argv(out))
+    assert committed(out) == 200
+    assert tree_digest(out) == tree_digest(ref)
+    assert not Path(str(out) + ".lock").exists()
+
+
+def test_train_killed_many_times_ends_with_the_same_weights(tmp_path, tiny_store):
+    def argv(out: Path) -> list[str]:
+        return ["train", "--store", str(tiny_store), "--hook", H1, "--arch", "topk", "--arch", "jumprelu",
+                "--width", "64", "--k", "4", "--tokens", str(64 * 600), "--batch-size", "64",
+                "--buffer-tokens", "300", "--checkpoint-every", "8", "--log-every", "50", "--device", "cpu",
+                "--out", str(out)]  # fmt: skip
+
+    def step(out: Path) -> int:
+        try:
+            return json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    run_to_end(argv(ref))
+    rng = random.Random(1)
+    kills, points = 0, []
+    for i in range(22):
+        if i % 4 == 3:  # early: imports, store opening, b_dec start, the first steps
+            ok = kill_at(argv(out), lambda: True, delay=rng.uniform(0.02, 0.6))
+        else:  # a few steps after the next checkpoint, or during it
+            target = min(step(out) + rng.choice([4, 8, 12]), 592)
+            ok = kill_at(argv(out), lambda t=target: step(out) >= t, delay=rng.choice([0, 0.002, 0.01, 0.03]))
+        kills += ok
+        points.append(step(out))
+        assert not json.loads((out / "checkpoint" / "state.json").read_text()).get("complete"), "too fast"
+    assert kills >= 20, points
+    assert len(set(points)) >= 8, f"kill points not varied: {points}"
+    run_to_end(argv(out))
+    for name in ("topk-w64-k4", "jumprelu-w64"):
+        got = load_file(str(out / name / "sae_weights.safetensors"))
+        want = load_file(str(ref / name / "sae_weights.safetensors"))
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}/{key}")
+
+
+def test_analyze_killed_many_times_ends_with_the_same_report(tmp_path, tiny_store):
+    run = tmp_path / "run"
+    run_to_end(["train", "--store", str(tiny_store), "--hook", H1, "--width", "256", "--k", "8",
+                "--tokens", str(64 * 20), "--batch-size", "64", "--device", "cpu", "--out", str(run)])  # fmt: skip
+
+    def argv(out: Path) -> list[str]:  # no --store: the store recorded in the SAE's cfg.json
+        return ["analyze", "--sae", str(run / "topk-w256-k8"), "--device", "cpu", "--batch-tokens", "62",
+                "--out", str(out)]  # fmt: skip
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    t0 = time.monotonic()
+    run_to_end(argv(ref))
+    duration = time.monotonic() - t0
+    files = [
+        "latents.parquet",
+        "arrays.safetensors",
+        "vocab.json",
+        "report.json",
+        "data/index.js",
+        "index.html",
+    ]
+    rng = random.Random(2)
+    kills, seen = 0, set()
+    for i in range(22):
+        if i % 3 == 0:  # right after one of the report's files appears
+            name = files[(i // 3) % len(files)]
+            ok = kill_at(argv(out), lambda n=name: (out / n).exists(), delay=rng.choice([0, 0.005]))
+        else:
+            ok = kill_at(argv(out), lambda: True, delay=rng.uniform(0.02, duration))
+        kills += ok
+        seen.add(tuple(sorted(p.name for p in out.rglob("*"))) if out.exists() else ())
+    assert kills >= 20
+    assert len(seen) >= 4, f"kill points not varied: {seen}"
+    run_to_end(argv(out))
+    assert tree_digest(out) == tree_digest(ref)
