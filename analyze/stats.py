@@ -16,6 +16,9 @@ keep:
 
 Window slots outside the context hold token -1; slots with no latent value (outside, or the BOS position,
 which the SAE never sees) hold NaN.
+
+The running top-k and the search for active entries have fast paths in saepipe.analyze.stats_fast;
+`SAEPIPE_SIMPLE_STATS=1` switches back to the simple references kept here (results are identical).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from saepipe.analyze.stats_fast import SlottedTopK, active_entries, one_thread, simple_stats
 
 WINDOW_BEFORE = 15
 WINDOW_AFTER = 4
@@ -71,7 +76,11 @@ class LatentStats:
 
 
 class RunningTopK:
-    """Per latent, the `k` entries with the largest keys seen so far, with values, addresses and windows."""
+    """Per latent, the `k` entries with the largest keys seen so far, with values, addresses and windows.
+
+    The simple reference: each merge sorts all kept entries with the candidates and rebuilds every field.
+    `saepipe.analyze.stats_fast.SlottedTopK` is the fast path with identical results.
+    """
 
     def __init__(self, n_latents: int, k: int, device: torch.device):
         self.k = k
@@ -156,30 +165,58 @@ class RunningTopK:
         acts = z_CPL[c2, (wp - first).clamp(0, P - 1), lat[:, None].expand_as(wp)]
         self.win_acts[slot, lat] = torch.where(has_act, acts, torch.nan)
 
-    def result(self, ascending: bool = False) -> ContextSet:
-        """Entries ordered by value (largest first unless `ascending`), empty slots last."""
-        v = self.values.T.cpu()  # [L, k]
-        key = torch.where(torch.isnan(v), torch.inf if ascending else -torch.inf, v)
-        order = key.argsort(dim=1, descending=not ascending, stable=True)
-        take = lambda t: t.T.cpu().gather(1, order).numpy()  # noqa: E731
-        take3 = lambda t: (  # noqa: E731
-            t.permute(1, 0, 2).cpu().gather(1, order[..., None].expand(-1, -1, WINDOW)).numpy()
-        )
-        return ContextSet(
-            take(self.values).astype(np.float32),
-            take(self.contexts),
-            take(self.positions),
-            take3(self.win_tokens),
-            take3(self.win_acts).astype(np.float32),
-        )
+    def ranked(self) -> dict[str, torch.Tensor]:
+        """Every field as [k, L(, W)], key descending (ties: the entry seen first)."""
+        names = ("values", "contexts", "positions", "win_tokens", "win_acts")
+        return {name: getattr(self, name) for name in names}
+
+
+def ranked_context_set(ranked: dict[str, torch.Tensor], ascending: bool = False) -> ContextSet:
+    """A running top-k's entries ordered by value (largest first unless `ascending`), empty slots last.
+
+    `ranked` is `RunningTopK.ranked()` (or the fast path's): fields [k, L(, W)] in key order; the sort is
+    stable, so equal values stay in key order.
+    """
+    v = ranked["values"].T.cpu()  # [L, k]
+    key = torch.where(torch.isnan(v), torch.inf if ascending else -torch.inf, v)
+    order = key.argsort(dim=1, descending=not ascending, stable=True)
+    take = lambda t: t.T.cpu().gather(1, order).numpy()  # noqa: E731
+    take3 = lambda t: (  # noqa: E731
+        t.permute(1, 0, 2).cpu().gather(1, order[..., None].expand(-1, -1, WINDOW)).numpy()
+    )
+    return ContextSet(
+        take(ranked["values"]).astype(np.float32),
+        take(ranked["contexts"]),
+        take(ranked["positions"]),
+        take3(ranked["win_tokens"]),
+        take3(ranked["win_acts"]).astype(np.float32),
+    )
 
 
 class StatsAccumulator:
-    """Folds groups of encoded contexts into `LatentStats`."""
+    """Folds groups of encoded contexts into `LatentStats`.
 
-    def __init__(self, n_latents: int, k: int, samples: int, device: torch.device, seed: int = 0):
-        self.top = RunningTopK(n_latents, k, device)
-        self.sample = RunningTopK(n_latents, samples, device)
+    `simple` (default: `SAEPIPE_SIMPLE_STATS=1`) uses the simple references (`RunningTopK`,
+    `nonzero(z > 0)`) instead of the fast paths of saepipe.analyze.stats_fast; the results are identical.
+    """
+
+    def __init__(
+        self,
+        n_latents: int,
+        k: int,
+        samples: int,
+        device: torch.device,
+        seed: int = 0,
+        simple: bool | None = None,
+    ):
+        self.simple = simple_stats() if simple is None else simple
+        if self.simple:
+            self.top = RunningTopK(n_latents, k, device)
+            self.sample = RunningTopK(n_latents, samples, device)
+        else:
+            with one_thread():  # see one_thread: the fast path's bookkeeping runs on one thread
+                self.top = SlottedTopK(n_latents, k, device, (WINDOW_BEFORE, WINDOW_AFTER))
+                self.sample = SlottedTopK(n_latents, samples, device, (WINDOW_BEFORE, WINDOW_AFTER))
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.n_tokens = 0
         f = {"device": device}
@@ -192,9 +229,27 @@ class StatsAccumulator:
     def update(self, z_CPL: torch.Tensor, tokens_CT: torch.Tensor, ctx0: int) -> None:
         C, P, L = z_CPL.shape
         z_NL = z_CPL.reshape(C * P, L).float()
+        # Everything after finding the active entries works on them only: O(L0 * tokens), not
+        # O(latents * tokens).
+        if self.simple:
+            self._update(z_NL, torch.nonzero(z_NL > 0, as_tuple=True), tokens_CT, ctx0)
+        else:
+            rows_lat = active_entries(z_NL)
+            with one_thread():
+                self._update(z_NL, rows_lat, tokens_CT, ctx0)
+
+    def _update(
+        self,
+        z_NL: torch.Tensor,
+        rows_lat: tuple[torch.Tensor, torch.Tensor],
+        tokens_CT: torch.Tensor,
+        ctx0: int,
+    ) -> None:
+        """Fold the active entries (rows, latents) of z_NL ([contexts * positions, latents]) in."""
+        rows, lat = rows_lat
+        C, L = tokens_CT.shape[0], z_NL.shape[1]
+        P = len(z_NL) // C
         z_CPL = z_NL.view(C, P, L)
-        # Everything below works on the active entries only: O(L0 * tokens), not O(latents * tokens).
-        rows, lat = torch.nonzero(z_NL > 0, as_tuple=True)
         vals = z_NL[rows, lat]
         self.n_tokens += C * P
         self.n_active += torch.bincount(lat, minlength=L)
@@ -212,14 +267,20 @@ class StatsAccumulator:
         self.sample.update(rows[take], lat[take], u[take], z_CPL, tokens_CT, ctx0)
 
     def result(self) -> LatentStats:
+        if self.simple:
+            return self._result()
+        with one_thread():
+            return self._result()
+
+    def _result(self) -> LatentStats:
         return LatentStats(
             n_tokens=self.n_tokens,
             n_active=self.n_active.cpu().numpy(),
             act_sum=self.act_sum.cpu().numpy(),
             act_max=self.act_max.cpu().numpy(),
             histogram=self.hist.view(len(self.act_max), -1).cpu().numpy(),
-            top=self.top.result(),
-            samples=self.sample.result(ascending=True),
+            top=ranked_context_set(self.top.ranked()),
+            samples=ranked_context_set(self.sample.ranked(), ascending=True),
         )
 
 
@@ -236,12 +297,14 @@ def collect_stats(
     batch_tokens: int = 4096,
     seed: int = 0,
     progress: bool = True,
+    simple: bool | None = None,
 ) -> LatentStats:
     """Stream `store`'s `hook` through `encode` ([n, d_in] -> [n, n_latents]) in whole-context groups.
 
     Stops after the context that reaches `max_tokens` (so the count is rounded up to whole contexts).
+    `simple`: see `StatsAccumulator`.
     """
-    acc = StatsAccumulator(n_latents, k, samples, device, seed)
+    acc = StatsAccumulator(n_latents, k, samples, device, seed, simple)
     first = 1 if store.settings["prepend_bos"] else 0
     P = store.context_size - first
     total = store.n_contexts * P if max_tokens is None else min(max_tokens, store.n_contexts * P)

@@ -38,8 +38,12 @@ def append_result(name: str, setting: str, figures: str, ratio: str, device: str
     if HEADER not in text:
         text += "\n" + HEADER
     date = datetime.date.today().isoformat()
-    text += f"| {date} | {name} | {setting} | {figures} | {ratio} | {device} | {torch.__version__} |\n"
-    RESULTS.write_text(text)
+    row = f"| {date} | {name} | {setting} | {figures} | {ratio} | {device} | {torch.__version__} |"
+    lines = text.splitlines()
+    start = lines.index(HEADER.splitlines()[0])
+    end = start + next(i for i, line in enumerate([*lines[start:], ""]) if not line.startswith("|"))
+    lines.insert(end, row)  # into the table, above any notes written under it
+    RESULTS.write_text("\n".join(lines) + "\n")
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

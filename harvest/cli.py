@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from saepipe.harvest.config import HarvestConfig
 from saepipe.harvest.harvester import HarvestResult, harvest
+from saepipe.harvest.ranks import rank_info
 from saepipe.harvest.store import disk_bytes
 
 
@@ -22,5 +23,7 @@ def summary(res: HarvestResult) -> str:
 
 
 def run(cfg: HarvestConfig) -> int:
-    print(summary(harvest(cfg)))
+    res = harvest(cfg)
+    if rank_info().rank == 0:  # under a launcher, rank 0 commits the store and speaks for the job
+        print(summary(res))
     return 0

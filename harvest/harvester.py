@@ -26,7 +26,8 @@ from saepipe.harvest.config import HarvestConfig
 from saepipe.harvest.corpus import iter_texts, pack_contexts
 from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
-from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, store_exists
+from saepipe.harvest.ranks import Markers, RankInfo, rank_info, shards_for_rank
+from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, shard_stats, store_exists
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,11 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     """
     if cfg.out is not None:
         check_writable(cfg.out)
-    model = load_model(cfg.model, cfg.device, cfg.model_dtype)
+    ranks = rank_info()
+    device = cfg.device
+    if ranks.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{ranks.local_rank}"  # one GPU per rank
+    model = load_model(cfg.model, device, cfg.model_dtype)
     resolved = hooklib.resolve_hooks(model.bridge, cfg.hooks)
     if cfg.context_size > model.n_ctx:
         raise SaepipeError(
@@ -164,11 +169,15 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     ):
         return HarvestResult(out, found.n_contexts, found.n_tokens, 0, 0.0, True)  # a cached store serves it
     check_writable(out)
+    if ranks.world > 1 and cfg.repair:
+        raise SaepipeError("--repair runs in one process; rerun it without the launcher")
+    if ranks.rank > 0:
+        return _write(out, settings, cfg, model, resolved, False, ranks)  # rank 0 holds the lease
     said = False
     while True:
         try:
             with Lease(out + ".lock", cfg.lock_stale_after):
-                return _write(out, settings, cfg, model, resolved, progress)
+                return _write(out, settings, cfg, model, resolved, progress, ranks)
         except LeaseHeld as held:
             if not said:
                 print(f"another harvester ({held}) is writing {out}; waiting for it", file=sys.stderr)
@@ -181,9 +190,15 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
 
 
 def _write(
-    out: str, settings: dict, cfg: HarvestConfig, model: LoadedModel, resolved: dict[str, str], progress: bool
+    out: str,
+    settings: dict,
+    cfg: HarvestConfig,
+    model: LoadedModel,
+    resolved: dict[str, str],
+    progress: bool,
+    ranks: RankInfo,
 ) -> HarvestResult:
-    """The harvest proper, under the store's lease."""
+    """The harvest proper: this rank's shards in order; rank 0 (under the lease) commits them all."""
     contexts = pack_contexts(
         iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column),
         model.tokenizer,
@@ -197,29 +212,44 @@ def _write(
         )
     contexts = itertools.chain([first], contexts)
 
-    writer = StoreWriter(out, settings)
+    job = _job_id()
+    markers = Markers(out)
+    if ranks.rank > 0:
+        _wait_for_go(out, markers, job)
+    writer = StoreWriter(out, settings, owner=ranks.rank == 0)
+    if ranks.rank == 0 and ranks.world > 1:
+        markers.put_go(job)
     T = cfg.context_size
     stop = hooklib.stop_layer(cfg.hooks, model.n_layers)
     repaired = _repair(out, writer, cfg, model, resolved, stop) if cfg.repair else 0
     if writer.complete:
         return HarvestResult(out, writer.n_contexts, writer.n_contexts * T, 0, 0.0, not repaired, repaired)
     target = writer.settings["n_contexts_target"]
+    per = writer.shard_contexts
     done0 = writer.n_contexts
     t_loop = time.perf_counter()
-    contexts = itertools.islice(contexts, done0, target)  # skip what is committed (packing is deterministic)
     bar = tqdm(
         total=target * T, initial=done0 * T, unit="tok", unit_scale=True, desc="harvest", disable=not progress
     )
     first_pos = 1 if cfg.prepend_bos else 0
-    while writer.n_contexts < target:
-        start = writer.n_contexts
-        rows = list(itertools.islice(contexts, min(writer.shard_contexts, target - start)))
-        if not rows:
-            break  # the dataset ran out before the target
-        tokens = np.stack(rows)
-        acts = run_shard(model, resolved, stop, tokens, cfg, start)
+    position, written = 0, 0
+    for shard in shards_for_rank(done0 // per, -(-target // per), ranks.rank, ranks.world):
+        start = shard * per
+        if ranks.world > 1 and markers.has(shard):
+            continue  # written by an earlier run of this job; rank 0 commits it from its marker
+        rows = list(itertools.islice(contexts, start - position, start - position + min(per, target - start)))
+        position = start + len(rows)
+        tokens = np.stack(rows) if rows else None
+        acts = run_shard(model, resolved, stop, tokens, cfg, start) if rows else {}
         try:
-            writer.write_shard(start, tokens, acts, first_pos)
+            if ranks.world == 1:
+                if not rows:
+                    break  # the dataset ran out before the target
+                writer.write_shard(start, tokens, acts, first_pos)
+            else:
+                if rows:
+                    writer.write_data(start, tokens, acts)
+                markers.put(shard, len(rows), shard_stats(acts, first_pos))
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise
@@ -228,11 +258,50 @@ def _write(
                 f"({writer.n_contexts} of {target} committed and intact); free space, then rerun the same command "
                 "to resume"
             ) from None
-        bar.update(len(rows) * T)
+        written += len(rows)
+        if ranks.rank == 0 and ranks.world > 1:
+            _commit_ready(writer, markers, per)
+        bar.update(len(rows) * T * (ranks.world if ranks.world > 1 else 1))
+        if len(rows) < min(per, target - start):
+            break  # the dataset ran out: later shards would be empty too
+    if ranks.rank > 0:
+        return HarvestResult(
+            out, writer.n_contexts, written * T, written * T, time.perf_counter() - t_loop, False
+        )
+    while ranks.world > 1 and not _commit_ready(writer, markers, per):
+        time.sleep(0.2)  # the other ranks' shards
     bar.close()
+    markers.clear()
     writer.finish()
     n = writer.n_contexts
     return HarvestResult(out, n, n * T, (n - done0) * T, time.perf_counter() - t_loop, False, repaired)
+
+
+def _commit_ready(writer: StoreWriter, markers: Markers, per: int) -> bool:
+    """Commit, in order, every shard whose marker is there; True once nothing is left to commit."""
+    target = writer.settings["n_contexts_target"]
+    while writer.n_contexts < target:
+        shard = writer.n_contexts // per
+        marker = markers.get(shard)
+        if marker is None:
+            return False
+        if marker["rows"]:
+            writer.commit(marker["rows"], marker["stats"])
+        if marker["rows"] < min(per, target - shard * per):
+            return True  # the dataset ran out here
+    return True
+
+
+def _job_id() -> str:
+    """Names one launch of a multi-process harvest, so ranks ignore a go-ahead left by a killed one."""
+    env = os.environ
+    return env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+
+
+def _wait_for_go(out: str, markers: Markers, job: str) -> None:
+    """Non-zero ranks start writing only after rank 0 has opened (or created) the store under its lease."""
+    while markers.go() != job:
+        time.sleep(0.2)
 
 
 def _repair(

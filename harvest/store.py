@@ -272,7 +272,10 @@ def open_store(
 class StoreWriter:
     """Creates a store or resumes one with identical settings; writes and commits whole shards."""
 
-    def __init__(self, path: str, settings: dict[str, Any], storage_options: dict | None = None):
+    def __init__(
+        self, path: str, settings: dict[str, Any], storage_options: dict | None = None, owner: bool = True
+    ):
+        """`owner=False` (the non-zero ranks of a multi-process harvest) only opens an existing store."""
         self.path = path
         self.settings = settings
         if store_exists(path, storage_options):
@@ -285,7 +288,8 @@ class StoreWriter:
                 )
             _refuse_different(path, meta["settings"], settings)
             self.meta = meta
-            _remove_partials(path)
+            if owner:
+                _remove_partials(path)
         else:
             self.group = _open_group(path, "w", storage_options)
             self.meta = self._create()
@@ -339,13 +343,23 @@ class StoreWriter:
         """
         if start != self.n_contexts or start % self.shard_contexts:
             raise ValueError(f"shard start {start} is not the commit point {self.n_contexts}")
+        self.write_data(start, tokens, acts)
+        self.commit(len(tokens), shard_stats(acts, first_pos))
+
+    def write_data(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+        """Write one shard's arrays without committing them (a multi-process harvest commits later)."""
+        if start % self.shard_contexts:
+            raise ValueError(f"shard start {start} is not on the shard grid")
         stop = start + len(tokens)
         self.group["tokens"][start:stop] = tokens
-        stats = self.meta["stats"]
         for hook, a in acts.items():
             self.group[f"{ACTS}/{hook}"][start:stop] = a
-            stats[hook] = _merge_stats(stats[hook], a[:, first_pos:])
-        self.meta["n_contexts"] = stop
+
+    def commit(self, n_rows: int, stats: dict[str, dict]) -> None:
+        """Commit the next `n_rows` contexts (already written) with their shard statistics."""
+        for hook, part in stats.items():
+            self.meta["stats"][hook] = _merge_stats(self.meta["stats"][hook], part)
+        self.meta["n_contexts"] += n_rows
         self.group.update_attributes({"saepipe": self.meta})  # the commit: written last, atomically
 
     def rewrite_shard(self, shard: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
@@ -385,16 +399,27 @@ def _remove_partials(path: str) -> None:
             p.unlink(missing_ok=True)
 
 
-def _merge_stats(old: dict, acts: np.ndarray) -> dict:
-    """Fold a block of activations [..., d] into running float64 mean and mean squared norm."""
-    x = acts.reshape(-1, acts.shape[-1]).astype(np.float64)
-    n_old, n_new = int(old["count"]), x.shape[0]
+def shard_stats(acts: dict[str, np.ndarray], first_pos: int) -> dict[str, dict]:
+    """Per hook: count, float64 sum vector and sum of squared norms of one shard (BOS excluded).
+
+    Statistics are always folded in shard by shard from these partial sums, so a store committed by one
+    process and one committed from several processes' shards carry the same bytes."""
+    out = {}
+    for hook, a in acts.items():
+        x = a[:, first_pos:].reshape(-1, a.shape[-1]).astype(np.float64)
+        out[hook] = {"count": x.shape[0], "sum": x.sum(axis=0).tolist(), "sum_sq": float((x * x).sum())}
+    return out
+
+
+def _merge_stats(old: dict, part: dict) -> dict:
+    """Fold one shard's partial sums into the running float64 mean and mean squared norm."""
+    n_old, n_new = int(old["count"]), int(part["count"])
     total = n_old + n_new
     if n_new == 0:
         return old
     mean = np.asarray(old["mean"], dtype=np.float64)
-    mean = mean + (x.sum(axis=0) - n_new * mean) / total
-    msq = old["mean_sq_norm"] + (float((x * x).sum()) - n_new * old["mean_sq_norm"]) / total
+    mean = mean + (np.asarray(part["sum"], dtype=np.float64) - n_new * mean) / total
+    msq = old["mean_sq_norm"] + (part["sum_sq"] - n_new * old["mean_sq_norm"]) / total
     return {"count": total, "mean": mean.tolist(), "mean_sq_norm": msq}
 
 
