@@ -1,6 +1,7 @@
 """Two real gloo processes must train the same SAEs as one process on the same global batches.
 
-The two-process run is a real `torchrun --nproc_per_node 2 -m saepipe train`. The reference runs in this
+The two-process run is a real `torchrun --nproc_per_node 2 -m saepipe train`, and the same under
+`accelerate launch`. The reference runs in this
 process: the same loaders for rank 0 and rank 1 of 2, their batches concatenated into one global batch,
 stepped with the trainer's own `sae_step` and schedules (no process group, so no reductions).
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.numpy import load_file
 
@@ -25,7 +28,14 @@ from saepipe.train.trainer import b_dec_start, build_saes, lr_at, sparsity_at
 HOOK = "blocks.1.hook_resid_post"
 
 
-def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, tmp_path):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, tmp_path, launch):
     out = tmp_path / "ddp"
     flags = {
         "stores": [str(tiny_store)], "hook": HOOK, "out": str(out), "arch": ["topk", "relu"],
@@ -38,15 +48,13 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, 
         for v in value if isinstance(value, list) else [value]:
             argv += [f"--{key.replace('_', '-')}" if key != "stores" else "--store", str(v)]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-    ]
+    port = str(_free_port())
+    launcher = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port],
+        # `accelerate launch --cpu --num_processes 2` starts one process; --multi_gpu with gloo starts two.
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--main_process_ip", "127.0.0.1", "--main_process_port", port],
+    }[launch]  # fmt: skip
     res = subprocess.run(
         [*launcher, "-m", "saepipe", "train", *argv], env=env, capture_output=True, text=True
     )
