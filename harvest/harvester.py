@@ -53,8 +53,13 @@ def check_writable(out: str) -> None:
         raise SaepipeError(f"--out {out} is an existing file; give a directory path for the store")
     if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
         raise SaepipeError(f"--out {out} is a non-empty directory that is not a store; choose a new path")
-    parent = path if path.exists() else next(p for p in path.parents if p.exists())
-    try:  # try it for real: os.access says yes to root even where nothing can be written
+    probe_writable(out, path if path.exists() else next(p for p in path.absolute().parents if p.exists()))
+
+
+def probe_writable(out: str | Path, parent: Path) -> None:
+    """Refuse `--out` unless a file can really be created in `parent` (os.access says yes to root even
+    where nothing can be written)."""
+    try:
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".saepipe-probe-")
         os.close(fd)
         os.unlink(probe)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from saepipe.errors import SaepipeError
+from saepipe.harvest.harvester import probe_writable
 from saepipe.harvest.models import resolve_device
 from saepipe.train import checkpoint, distributed
 from saepipe.train.config import TrainConfig
@@ -110,15 +110,7 @@ def check_out(out: Path) -> None:
     """Refuse an unusable --out before reading any store (a run dir is a directory we can write in)."""
     if out.exists() and not out.is_dir():
         raise SaepipeError(f"--out {out} is an existing file; give a directory for the run")
-    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    try:  # try it for real: os.access says yes to root even where nothing can be written
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".saepipe-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SaepipeError(
-            f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable path"
-        ) from None
+    probe_writable(out, out if out.exists() else next(p for p in out.absolute().parents if p.exists()))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
