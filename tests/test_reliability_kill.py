@@ -144,8 +144,9 @@ def test_train_killed_many_times_ends_with_the_same_weights(tmp_path, tiny_store
     ref, out = tmp_path / "ref", tmp_path / "killed"
     run_to_end(argv(ref))
     rng = random.Random(1)
-    kills, points = 0, []
-    for i in range(22):
+    kills, points, attempts = 0, [], 0
+    while kills < 20 and attempts < 40:
+        i, attempts = attempts, attempts + 1
         if i % 4 == 3:  # early: imports, store opening, b_dec start, the first steps
             ok = kill_at(argv(out), lambda: True, delay=rng.uniform(0.02, 0.3))
         else:  # a few steps after the next checkpoint, or during it
@@ -153,8 +154,9 @@ def test_train_killed_many_times_ends_with_the_same_weights(tmp_path, tiny_store
             ok = kill_at(argv(out), lambda t=target: step(out) >= t, delay=rng.choice([0, 0.002, 0.01, 0.03]))
         kills += ok
         points.append(step(out))
-        assert not json.loads((out / "checkpoint" / "state.json").read_text()).get("complete"), "too fast"
-    assert kills >= 20, points
+        if not ok:  # a loaded machine let it finish first: start over, or every later run is a no-op
+            shutil.rmtree(out)
+    assert kills >= 20, f"{kills} of {attempts} kills landed; points {points}"
     assert len(set(points)) >= 8, f"kill points not varied: {points}"
     run_to_end(argv(out))
     for name in ("topk-w64-k4", "jumprelu-w64"):

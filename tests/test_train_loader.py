@@ -28,7 +28,7 @@ def test_assign_chunks_is_a_partition_for_every_world():
 
 
 def epoch_addresses(loader: ActivationLoader, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    ws = [loader.load_window(epoch, w) for w in range(loader.windows_per_epoch)]
+    ws = [loader.load_window(epoch, w) for w in range(loader.windows_per_epoch(epoch))]
     return np.concatenate([w.addresses for w in ws]), np.concatenate([w.rows for w in ws])
 
 
@@ -55,7 +55,7 @@ def test_keeps_bos_when_asked(tiny_store):
 
 def test_resume_from_any_batch_position_gives_the_same_stream(tiny_store):
     loader = ActivationLoader([str(tiny_store)], HOOK, batch_size=50, buffer_tokens=400, seed=3)
-    assert loader.windows_per_epoch > 2  # windows and epochs are crossed: not vacuous
+    assert loader.windows_per_epoch() > 2  # windows and epochs are crossed: not vacuous
     stream = loader.batches()
     first = [next(stream) for _ in range(40)]  # 2000 rows, more than one epoch of 1240
     stream.close()

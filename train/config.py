@@ -67,6 +67,9 @@ class TrainConfig(StageConfig):
     """Decoder bias start: the geometric median of a sample, the stores' mean, or zeros."""
     normalize: bool = False
     """Scale inputs so their mean squared norm is d_model (store statistics); undone in the saved SAE."""
+    follow: bool = False
+    """Train on a store that is still being harvested: each epoch reads the contexts committed when it
+    starts (one process only; an exact resume is not promised, since the store grows meanwhile)."""
     drop_bos: bool = True
     """Skip position 0 when the store put a BOS token there (its norm is an outlier)."""
     buffer_tokens: int = Field(262_144, gt=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -87,10 +88,14 @@ class ActivationLoader:
         normalize: bool = False,
         device: str | torch.device = "cpu",
         prefetch: int = 2,
+        follow: bool = False,
     ):
         if not stores:
             raise SaepipeError("give at least one --store")
-        self.stores = [open_store(str(p)) for p in stores]
+        if follow and world > 1:
+            raise SaepipeError("--follow reads a growing store in one process; run it without the launcher")
+        self.follow = follow
+        self.stores = [open_store(str(p), allow_incomplete=follow) for p in stores]
         self.hook, self.batch_size, self.seed = hook, batch_size, seed
         self.rank, self.world, self.device, self.prefetch = rank, world, torch.device(device), prefetch
         first = self.stores[0]
@@ -102,7 +107,12 @@ class ActivationLoader:
                     "train on stores harvested from the same model"
                 )
         self.d_model = first.d_model
-        self.chunks = [(i, a, b) for i, s in enumerate(self.stores) for a, b in s.chunk_bounds()]
+        self.chunks = self._committed_chunks()
+        self._epoch_chunks: dict[int, list[tuple[int, int, int]]] = {0: self.chunks}
+        self._lock = threading.Lock()
+        while follow and not self.chunks:  # nothing committed yet: wait for the harvester's first shard
+            time.sleep(1.0)
+            self.chunks = self._epoch_chunks[0] = self._committed_chunks(refresh=True)
         if len(self.chunks) < world:
             raise SaepipeError(
                 f"the stores hold {len(self.chunks)} chunks, fewer than the {world} ranks; use fewer "
@@ -111,10 +121,30 @@ class ActivationLoader:
         self.first_pos = [1 if (drop_bos and s.settings["prepend_bos"]) else 0 for s in self.stores]
         rows_per_chunk = max((b - a) * (s.context_size - f) for (i, a, b), s, f in self._chunk_info())
         self.chunks_per_window = max(1, buffer_tokens // max(rows_per_chunk, 1))
-        self.windows_per_epoch = math.ceil(
-            len(assign_chunks(len(self.chunks), rank, world, seed, 0)) / self.chunks_per_window
-        )
         self.scale = self._scale() if normalize else 1.0
+
+    def _committed_chunks(self, refresh: bool = False) -> list[tuple[int, int, int]]:
+        if refresh:
+            for s in self.stores:
+                if not s.complete:
+                    s.refresh()
+        return [(i, a, b) for i, s in enumerate(self.stores) for a, b in s.chunk_bounds()]
+
+    def chunks_of(self, epoch: int) -> list[tuple[int, int, int]]:
+        """(store, start, stop) of every chunk read in `epoch`. With `follow`, each epoch takes the chunks
+        committed when it starts, so a store still being harvested enters the stream epoch by epoch."""
+        if not self.follow:
+            return self.chunks
+        with self._lock:  # the reader thread and the consumer must agree on an epoch's chunks
+            if epoch not in self._epoch_chunks:
+                self._epoch_chunks[epoch] = self._committed_chunks(refresh=True)
+                for old in [e for e in self._epoch_chunks if e < epoch - 2]:
+                    del self._epoch_chunks[old]
+            return self._epoch_chunks[epoch]
+
+    def windows_per_epoch(self, epoch: int = 0) -> int:
+        n = len(assign_chunks(len(self.chunks_of(epoch)), self.rank, self.world, self.seed, epoch))
+        return math.ceil(n / self.chunks_per_window)
 
     def _chunk_info(self):
         for i, a, b in self.chunks:
@@ -135,15 +165,16 @@ class ActivationLoader:
         return sum((b - a) * (s.context_size - f) for (_, a, b), s, f in self._chunk_info())
 
     def window_chunks(self, epoch: int, window: int) -> list[int]:
-        mine = assign_chunks(len(self.chunks), self.rank, self.world, self.seed, epoch)
+        mine = assign_chunks(len(self.chunks_of(epoch)), self.rank, self.world, self.seed, epoch)
         c = self.chunks_per_window
         return [int(i) for i in mine[window * c : (window + 1) * c]]
 
     def load_window(self, epoch: int, window: int) -> _Window:
         """Read a window's chunks and permute its rows (deterministic in seed, epoch, rank, window)."""
         rows, addresses = [], []
+        chunks = self.chunks_of(epoch)
         for chunk in self.window_chunks(epoch, window):
-            i, a, b = self.chunks[chunk]
+            i, a, b = chunks[chunk]
             store, first = self.stores[i], self.first_pos[i]
             acts = store.activations(self.hook, a, b)[:, first:]
             if not np.isfinite(acts).all():  # a poisoned store: say where, never train on it
@@ -163,7 +194,7 @@ class ActivationLoader:
         return _Window(epoch, window, x, addr[perm])
 
     def _next(self, epoch: int, window: int) -> tuple[int, int]:
-        return (epoch, window + 1) if window + 1 < self.windows_per_epoch else (epoch + 1, 0)
+        return (epoch, window + 1) if window + 1 < self.windows_per_epoch(epoch) else (epoch + 1, 0)
 
     def _windows(self, epoch: int, window: int, stop: threading.Event, out: queue.Queue) -> None:
         try:

@@ -130,7 +130,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     loader = ActivationLoader(
         cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed, info.rank, info.world_size,
-        cfg.drop_bos, cfg.normalize, info.device,
+        cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow,
     )  # fmt: skip
     global_batch = cfg.batch_size * info.world_size
     total = max(1, cfg.tokens // global_batch)
