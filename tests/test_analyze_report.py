@@ -3,7 +3,6 @@ direct computation, and the dashboard shows the stored values in a real headless
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
+from helpers import chromium_missing, write_relu_sae
 
 from saepipe.analyze.report import MARK_CLOSE, MARK_OPEN, Report
 from saepipe.cli import main
@@ -20,37 +19,6 @@ from saepipe.harvest import open_store
 HOOK = "blocks.0.hook_resid_post"
 D_SAE = 200  # two dashboard shards
 TOP_K = 6
-
-
-def write_relu_sae(path: Path, store_path: Path, hook: str, W_enc, b_enc, W_dec, b_dec) -> Path:
-    """An SAE dir written by hand straight to the contract (train/sae_dir.py), not through saepipe.train."""
-    path.mkdir(parents=True)
-    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    save_file(
-        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-        str(path / "sae_weights.safetensors"),
-    )
-    store = open_store(str(store_path))
-    cfg = {
-        "architecture": "relu",
-        "d_in": W_enc.shape[0],
-        "d_sae": W_enc.shape[1],
-        "hook_name": hook,
-        "model_name": store.settings["model"]["name"],
-        "dtype": "float32",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "saepipe": {
-            "format_version": 1,
-            "store": {
-                "path": str(store_path),
-                "model_fingerprint": store.settings["model"]["fingerprint"],
-                "hook": hook,
-            },
-        },
-    }
-    (path / "cfg.json").write_text(json.dumps(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +47,7 @@ def sae_weights(tiny_store):
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_store, sae_weights) -> Path:
     root = tmp_path_factory.mktemp("analyze")
-    sae = write_relu_sae(root / "sae", tiny_store, HOOK, *sae_weights)
+    sae = write_relu_sae(root / "sae", tiny_store, HOOK, *sae_weights, record_as_list=False)
     out = root / "report"
     rc = main(
         [
@@ -171,24 +139,16 @@ def test_logit_effects_equal_direct_computation(report_dir, tiny_model_dir, sae_
 
 
 def test_analyze_refuses_a_wrong_hook(tmp_path, tiny_store, sae_weights, capsys):
-    sae = write_relu_sae(tmp_path / "sae", tiny_store, "blocks.7.hook_resid_post", *sae_weights)
+    sae = write_relu_sae(
+        tmp_path / "sae", tiny_store, "blocks.7.hook_resid_post", *sae_weights, record_as_list=False
+    )
     assert main(["analyze", "--sae", str(sae), "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert "has no hook 'blocks.7.hook_resid_post'" in capsys.readouterr().err
 
 
-def _chromium_missing() -> str | None:
-    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
-        return "Debian's chromium and chromium-driver are not installed (scripts/setup.sh installs them)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e .[dev])"
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    reason = _chromium_missing()
+    reason = chromium_missing()
     if reason:
         pytest.skip(reason)
     from selenium import webdriver

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from helpers import write_relu_sae
 
 from saepipe.analyze.config import EvaluateConfig
 from saepipe.analyze.evaluate import evaluate
@@ -25,41 +25,22 @@ HOOK = "blocks.0.hook_resid_post"
 CONTEXTS = 4
 
 
-def _write_relu_sae(path: Path, store_path: Path, W_enc, b_enc, W_dec, b_dec) -> Path:
-    """An SAE dir written straight to the contract (train/sae_dir.py), not through saepipe.train."""
-    path.mkdir(parents=True)
-    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    save_file(
-        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
-        str(path / "sae_weights.safetensors"),
-    )
-    store = open_store(str(store_path))
-    fp = store.settings["model"]["fingerprint"]
-    cfg = {
-        "architecture": "relu", "d_in": W_enc.shape[0], "d_sae": W_enc.shape[1], "hook_name": HOOK,
-        "model_name": store.settings["model"]["name"], "dtype": "float32", "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "saepipe": {"format_version": 1, "store": [{"path": str(store_path), "model_fingerprint": fp, "hook": HOOK}]},
-    }  # fmt: skip
-    (path / "cfg.json").write_text(json.dumps(cfg))
-    return path
-
-
 @pytest.fixture(scope="module")
 def frontier_run(tmp_path_factory, tiny_store):
     root = tmp_path_factory.mktemp("frontier")
     d = open_store(str(tiny_store)).d_model
     eye = np.eye(d)
-    exact = _write_relu_sae(
+    exact = write_relu_sae(
         root / "exact",
         tiny_store,
+        HOOK,
         np.hstack([eye, -eye]),
         np.zeros(2 * d),
         np.vstack([eye, -eye]),
         np.zeros(d),
     )
-    lossy = _write_relu_sae(  # keeps the positive half of the first 32 coordinates: each persists in `exact`
-        root / "lossy", tiny_store, eye[:, :32], np.zeros(32), eye[:32], np.zeros(d)
+    lossy = write_relu_sae(  # keeps the positive half of the first 32 coordinates: each persists in `exact`
+        root / "lossy", tiny_store, HOOK, eye[:, :32], np.zeros(32), eye[:32], np.zeros(d)
     )
     out = root / "report"
     argv = ["splitting", "--saes", str(lossy), "--saes", str(exact), "--store", str(tiny_store), "--out", str(out),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import chromium_missing
 from safetensors.numpy import save_file
 
 from saepipe.analyze.splitting import SplittingConfig, build_report, cofiring, link_latents
@@ -251,21 +252,9 @@ def test_split_pages_show_parents_children_and_their_top_contexts(tmp_path, worl
     assert "0/1" in data["contexts"] and "1/0" not in data["contexts"]  # latent 0 of the wide SAE is new
 
 
-def _chromium_missing() -> str | None:
-    import shutil
-
-    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
-        return "Debian's chromium and chromium-driver are not installed (scripts/setup.sh installs them)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e .[dev])"
-    return None
-
-
 def test_split_page_in_a_real_browser(tmp_path, world):
     """The parent's page shows the parent and its two children side by side with their contexts."""
-    reason = _chromium_missing()
+    reason = chromium_missing()
     if reason:
         pytest.skip(reason)
     import shutil

@@ -1,0 +1,51 @@
+"""Helpers shared by test modules (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from saepipe.harvest import open_store
+
+
+def write_relu_sae(
+    path: Path, store_path: Path, hook: str, W_enc, b_enc, W_dec, b_dec, record_as_list: bool = True
+) -> Path:
+    """An SAE dir written by hand straight to the contract (train/sae_dir.py), not through saepipe.train.
+
+    `record_as_list=False` writes the store record as one dict, the form older SAE dirs hold."""
+    path.mkdir(parents=True)
+    tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+        str(path / "sae_weights.safetensors"),
+    )
+    store = open_store(str(store_path))
+    record = {
+        "path": str(store_path),
+        "model_fingerprint": store.settings["model"]["fingerprint"],
+        "hook": hook,
+    }
+    cfg = {
+        "architecture": "relu", "d_in": W_enc.shape[0], "d_sae": W_enc.shape[1], "hook_name": hook,
+        "model_name": store.settings["model"]["name"], "dtype": "float32", "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "saepipe": {"format_version": 1, "store": [record] if record_as_list else record},
+    }  # fmt: skip
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+def chromium_missing() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not (shutil.which("chromium") and Path("/usr/bin/chromedriver").exists()):
+        return "Debian's chromium and chromium-driver are not installed (scripts/setup.sh installs them)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e .[dev])"
+    return None
