@@ -60,6 +60,16 @@ class Lease:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def _read_settled(self, tries: int = 20) -> dict[str, Any] | None:
+        """The lock's content; a lock just created may be empty for a moment before its owner writes it,
+        and must not be mistaken for a broken one. Still unreadable after ~0.5 s: it is broken."""
+        for _ in range(tries):
+            held = self.read()
+            if held is not None or not self.fs.exists(self.path):
+                return held
+            time.sleep(0.025)
+        return None
+
     def _try_create(self) -> bool:
         try:
             with self.fs.open(self.path, "xb") as f:
@@ -79,7 +89,7 @@ class Lease:
                 ) from None
         if self._try_create():
             return self._start()
-        held = self.read()
+        held = self._read_settled()
         fresh = held is not None and time.time() - float(held.get("heartbeat", 0)) < self.stale_after
         if held is not None and fresh and not _dead_here(str(held.get("owner", ""))):
             raise LeaseHeld(held.get("owner", "?"))
