@@ -136,7 +136,7 @@ def test_auxk_revives_latents_that_would_die():
             W /= W.norm(dim=1, keepdim=True)
             sae.W_dec.copy_(W)
             sae.W_enc.copy_(W.t())
-        train(sae, data, steps=300)
+        train(sae, data, steps=600)
         with torch.no_grad():
             fired = (sae.encode(data.batch(4096)) != 0).any(0)
         alive[coefficient] = int(fired[: WIDTH // 2].sum())

@@ -1,7 +1,9 @@
 """The train stage's config: `saepipe train` flags and the `train:` section of pipelines.yaml.
 
-Several SAEs train from one pass over the stream: every combination of `--arch`, `--width` and `--k`
-(k only for architectures that take it) is one SAE, e.g. `--width 1024 --width 4096` trains two.
+Several SAEs train from one pass over the stream: every combination of `--arch`, `--width`, `--k` (k only
+for architectures that take it) and `--tokens` is one SAE, e.g. `--width 1024 --width 4096` trains two.
+Several `--tokens` budgets share the stream: an SAE with a smaller budget sees its first part, with its
+own learning-rate schedule, and stops; the stream runs for the largest.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class SAESpec:
     width: int
     k: int | None
     hparams: dict[str, Any]
+    tokens: int
+    """Its training budget in tokens over all ranks."""
 
 
 class TrainConfig(StageConfig):
@@ -38,8 +42,9 @@ class TrainConfig(StageConfig):
     """Number of latents (d_sae); repeat for a width ladder trained from the same pass."""
     k: list[int] = Field(default_factory=lambda: [32])
     """Active latents per token (topk; the batch average for batchtopk/matryoshka); repeatable."""
-    tokens: int = Field(10_000_000, gt=0)
-    """Training tokens over all ranks (the stream repeats in reshuffled epochs if the stores hold fewer)."""
+    tokens: list[int] = Field(default_factory=lambda: [10_000_000])
+    """Training tokens over all ranks (the stream repeats in reshuffled epochs if the stores hold fewer);
+    repeat for a budget curve from one pass (every SAE at each budget; SAE names gain -t<tokens>)."""
     batch_size: int = Field(4096, gt=0)
     """Tokens per step on each rank (the global batch is batch_size x number of processes)."""
     lr: float = Field(4e-4, gt=0)
@@ -61,8 +66,11 @@ class TrainConfig(StageConfig):
     --normalize, when L0 stays far above the target)."""
     auxk_coefficient: float = Field(1 / 32, ge=0)
     """topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents."""
-    dead_window: int = Field(1_000_000, gt=0)
-    """Tokens without firing after which a latent counts as dead (AuxK and the dead fraction)."""
+    dead_window: int | None = Field(None, gt=0)
+    """Tokens without firing after which a latent counts as dead (AuxK and the dead fraction); default a
+    twentieth of --tokens, at most 10M (Gao et al.'s window). Must be shorter than the run."""
+    matryoshka_prefixes: list[float] | None = None
+    """matryoshka: nested dictionary sizes as fractions of the width, the last 1 (default 1/8 1/4 1/2 1)."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """Decoder bias start: the geometric median of a sample, the stores' mean, or zeros."""
     normalize: bool = False
@@ -106,9 +114,25 @@ class TrainConfig(StageConfig):
         for k in self.k:
             if k <= 0 or (any(ARCHITECTURES[a].uses_k for a in self.arch) and k > min(self.width)):
                 raise ValueError(f"--k {k} must be positive and at most the smallest --width")
+        if any(t <= 0 for t in self.tokens) or len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("--tokens must be positive, each budget given once")
+        if self.dead_window is not None and self.dead_window >= min(self.tokens):
+            raise ValueError(
+                f"--dead-window {self.dead_window} is not shorter than the run (--tokens {min(self.tokens)}), so no "
+                "latent could ever count as dead and AuxK would never run; give a smaller one or leave it "
+                "unset (a twentieth of --tokens)"
+            )
+        if self.matryoshka_prefixes is not None and not (
+            all(0 < f <= 1 for f in self.matryoshka_prefixes) and max(self.matryoshka_prefixes) == 1
+        ):
+            raise ValueError("--matryoshka-prefixes are fractions of the width in (0, 1] and must include 1")
         if len({s.name for s in self.specs()}) != len(self.specs()):
             raise ValueError("an SAE is named twice; repeat --arch/--width/--k values only once")
         return self
+
+    def resolved_dead_window(self, tokens: int) -> int:
+        """The dead-latent window in tokens for an SAE trained on `tokens` (the default scales with it)."""
+        return self.dead_window or max(1, min(10_000_000, tokens // 20))
 
     def specs(self) -> list[SAESpec]:
         """Every SAE this run trains, in a fixed order."""
@@ -126,7 +150,12 @@ class TrainConfig(StageConfig):
             cls = ARCHITECTURES[arch]
             hparams = {k: v for k, v in settings.items() if k in cls.default_hparams}
             for width in self.width:
+                own = dict(hparams)
+                if "prefixes" in cls.default_hparams and self.matryoshka_prefixes:
+                    own["prefixes"] = sorted({max(1, round(f * width)) for f in self.matryoshka_prefixes})
                 for k in self.k if cls.uses_k else [None]:
-                    name = f"{arch}-w{width}" + (f"-k{k}" if k is not None else "")
-                    out.append(SAESpec(name, arch, width, k, dict(hparams)))
+                    for tokens in self.tokens:
+                        name = f"{arch}-w{width}" + (f"-k{k}" if k is not None else "")
+                        name += f"-t{tokens}" if len(self.tokens) > 1 else ""
+                        out.append(SAESpec(name, arch, width, k, dict(own), tokens))
         return out

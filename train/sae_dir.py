@@ -154,6 +154,6 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
                 raise SaepipeError(
                     f"{path}: {name} has shape {list(value.shape)}, expected {list(target.shape)}"
                 )
-            target.copy_(value)
+            sae.set_tensor(name, value)
     sae.cfg = cfg
     return sae.to(device).eval()

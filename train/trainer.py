@@ -13,6 +13,7 @@ Both are pure functions of the step, so the "scheduler state" in a checkpoint is
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import time
@@ -27,7 +28,7 @@ from saepipe.errors import SaepipeError
 from saepipe.harvest.harvester import probe_writable
 from saepipe.harvest.models import resolve_device
 from saepipe.train import checkpoint, distributed
-from saepipe.train.config import TrainConfig
+from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
 from saepipe.train.sae_dir import save_sae
@@ -92,12 +93,17 @@ def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
 
 
 def build_saes(cfg: TrainConfig, d_in: int) -> dict[str, SAE]:
-    """Freshly initialised SAEs of the run, seeded so every rank builds the same ones."""
+    """Freshly initialised SAEs of the run, seeded so every rank builds the same ones. The budgets of one
+    (arch, width, k) start from the same weights, so a budget curve differs in training length alone."""
     torch.manual_seed(cfg.seed)
-    saes = {}
+    saes: dict[str, SAE] = {}
+    first: dict[tuple, SAE] = {}
     for spec in cfg.specs():
-        sae = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=spec.hparams)
-        sae.dead_window = cfg.dead_window
+        key = (spec.arch, spec.width, spec.k)
+        if key not in first:
+            first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=spec.hparams)
+        sae = copy.deepcopy(first[key])
+        sae.dead_window = cfg.resolved_dead_window(spec.tokens)
         saes[spec.name] = sae
     return saes
 
@@ -133,7 +139,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow,
     )  # fmt: skip
     global_batch = cfg.batch_size * info.world_size
-    total = max(1, cfg.tokens // global_batch)
+    totals = {s.name: max(1, s.tokens // global_batch) for s in specs}  # steps of each SAE
+    total = max(totals.values())
     saes = {name: sae.to(info.device) for name, sae in build_saes(cfg, loader.d_model).items()}
     optimizers = {name: make_optimizer(sae, cfg.lr) for name, sae in saes.items()}
 
@@ -166,15 +173,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         for step in range(start_step, total):
             batch = next(stream)
-            lr, scale = lr_at(step, total, cfg), sparsity_at(step, total, cfg)
             for name, sae in saes.items():
+                if step >= totals[name]:
+                    continue  # this SAE's budget is spent; the stream goes on for the larger ones
+                lr, scale = lr_at(step, totals[name], cfg), sparsity_at(step, totals[name], cfg)
                 with autocast:
                     res = sae_step(sae, optimizers[name], batch.x, lr, scale)
                 counts = distributed.all_reduce_sum(res.fire_counts)
                 metrics[name].add(res, batch.x, counts, global_batch)
             done = step + 1
-            if done % cfg.log_every == 0 or done == total:
-                per_sae = {name: m.summary(saes[name]) for name, m in metrics.items()}
+            if done % cfg.log_every == 0 or done == total or done in totals.values():
+                per_sae = {name: m.summary(saes[name]) for name, m in metrics.items() if m.steps}
                 reporter.log(done, total, done * global_batch, per_sae)
                 metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
             if done % cfg.checkpoint_every == 0 and done < total:
@@ -194,7 +203,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     hook_name=cfg.hook,
                     model_name=loader.stores[0].settings["model"]["name"],
                     input_scale=loader.scale,
-                    **_sae_extra(cfg, loader, total, global_batch),
+                    **_sae_extra(cfg, loader, spec, totals[spec.name], global_batch),
                 )
         checkpoint.save(out, total, {**config}, reporter.wandb_id, saes, optimizers, StreamPosition())
         if info.is_main:
@@ -206,7 +215,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     )  # fmt: skip
 
 
-def _sae_extra(cfg: TrainConfig, loader: ActivationLoader, steps: int, global_batch: int) -> dict:
+def _sae_extra(
+    cfg: TrainConfig, loader: ActivationLoader, spec: SAESpec, steps: int, global_batch: int
+) -> dict:
     first = loader.stores[0]
     return {
         "context_size": first.context_size,
@@ -223,6 +234,8 @@ def _sae_extra(cfg: TrainConfig, loader: ActivationLoader, steps: int, global_ba
             ],
             "training": {
                 **cfg.model_dump(exclude={"wandb", "wandb_project", "resume", "device"}),
+                "tokens": spec.tokens,
+                "dead_window": cfg.resolved_dead_window(spec.tokens),
                 "steps": steps,
                 "global_batch": global_batch,
                 "world_size": distributed.world_size(),

@@ -133,6 +133,10 @@ class SAE(nn.Module):
     def update_state(self, stats: dict[str, torch.Tensor]) -> None:
         """Fold rank-averaged `TrainOutput.state_stats` into buffers (BatchTopK's threshold)."""
 
+    def set_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Load one SAE-dir tensor (`load_sae`); an architecture that parameterises it otherwise overrides."""
+        getattr(self, name).copy_(value)
+
     def cfg_fields(self) -> dict[str, Any]:
         """Architecture-specific cfg.json fields."""
         return {"k": self.k} if self.uses_k else {}

@@ -2,9 +2,12 @@
 autoencoders").
 
 Each token keeps its k largest ReLU pre-activations. AuxK reconstructs the main model's residual error
-with the top `auxk_k` latents among those that have been dead for the trainer's window, normalised by the
-error's variance and weighted 1/32, so latents that stopped firing get a gradient and come back.
-Decoder rows are unit norm.
+with the top `auxk_k` latents among those that have been dead for the trainer's window, so latents that
+stopped firing get a gradient and come back. As in Gao et al., the AuxK error is normalised by the
+residual's variance and weighted 1/32 relative to a reconstruction loss normalised by the input's
+variance; our reconstruction loss is the plain MSE, so the term is scaled by the batch's input variance
+(without it AuxK is ~1e-4 of the loss and dead latents take thousands of steps to return). Decoder rows
+are unit norm.
 """
 
 from __future__ import annotations
@@ -54,4 +57,5 @@ def auxk_loss(sae: SAE, ctx: StepContext) -> torch.Tensor:
     error = (ctx.x - ctx.recon).detach()
     error_hat = sae.decode_code(code, with_bias=False)
     variance = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    return coefficient * mse(error, error_hat) / variance
+    x_variance = (ctx.x - ctx.x.mean(0)).pow(2).sum(-1).mean().detach()
+    return coefficient * mse(error, error_hat) * x_variance / variance
