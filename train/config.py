@@ -8,12 +8,16 @@ own learning-rate schedule, and stops; the stream runs for the largest.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from saepipe.config import StageConfig
+
+GRID_KEYS = ("arch", "width", "k", "tokens")
+"""The grid axes: every combination is one SAE."""
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,23 @@ class TrainConfig(StageConfig):
     """relu: weight of the decoder-norm-weighted L1 penalty."""
     l0_coefficient: float = Field(1.0, ge=0)
     """jumprelu: weight of the L0 penalty."""
-    jumprelu_bandwidth: float = Field(0.001, gt=0)
-    """jumprelu: width of the straight-through estimator's kernel."""
-    jumprelu_threshold_init: float = Field(0.001, gt=0)
-    """jumprelu: starting threshold of every latent (raise it towards typical latent values, e.g. 0.5 with
-    --normalize, when L0 stays far above the target)."""
+    jumprelu_target_l0: float | None = Field(None, gt=0)
+    """jumprelu: aim the penalty at this L0: l0_coefficient * (L0 / target - 1)^2 (dictionary_learning's
+    form) instead of l0_coefficient * L0, so the L0 settles near the target without tuning the weight."""
+    jumprelu_bandwidth: float = Field(1.0, gt=0)
+    """jumprelu: width of the straight-through estimator's kernel, in units of the input's RMS per dimension
+    (1 after --normalize; SynthSAEBench's setting)."""
+    jumprelu_threshold_init: float = Field(1.0, gt=0)
+    """jumprelu: starting threshold of every latent, in the same units (thresholds are log-parameterised
+    and learned)."""
     auxk_coefficient: float = Field(1 / 32, ge=0)
     """topk, batchtopk, matryoshka: weight of the AuxK loss on dead latents."""
     dead_window: int | None = Field(None, gt=0)
     """Tokens without firing after which a latent counts as dead (AuxK and the dead fraction); default a
     twentieth of --tokens, at most 10M (Gao et al.'s window). Must be shorter than the run."""
+    also: list[dict[str, Any]] = Field(default_factory=list)
+    """More grids trained in the same pass, each overriding some of arch, width, k, tokens of this one, e.g.
+    `[{arch: [topk], tokens: [33554432]}]` in pipelines.yaml or `--also '{"arch": ["topk"], ...}'` (JSON)."""
     matryoshka_prefixes: list[float] | None = None
     """matryoshka: nested dictionary sizes as fractions of the width, the last 1 (default 1/8 1/4 1/2 1)."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
@@ -103,22 +114,25 @@ class TrainConfig(StageConfig):
     def _check(self) -> TrainConfig:
         from saepipe.train.saes import ARCHITECTURES  # imported here so `--help` stays free of torch
 
-        unknown = [a for a in self.arch if a not in ARCHITECTURES]
-        if unknown:
-            raise ValueError(f"unknown --arch {unknown[0]!r}; choose from {', '.join(sorted(ARCHITECTURES))}")
         if not self.stores:
             raise ValueError("give at least one --store")
-        for w in self.width:
-            if w <= 0:
+        for grid in self.grids():
+            unknown = [a for a in grid["arch"] if a not in ARCHITECTURES]
+            if unknown:
+                raise ValueError(
+                    f"unknown --arch {unknown[0]!r}; choose from {', '.join(sorted(ARCHITECTURES))}"
+                )
+            if any(w <= 0 for w in grid["width"]):
                 raise ValueError("--width must be positive")
-        for k in self.k:
-            if k <= 0 or (any(ARCHITECTURES[a].uses_k for a in self.arch) and k > min(self.width)):
-                raise ValueError(f"--k {k} must be positive and at most the smallest --width")
-        if any(t <= 0 for t in self.tokens) or len(set(self.tokens)) != len(self.tokens):
-            raise ValueError("--tokens must be positive, each budget given once")
-        if self.dead_window is not None and self.dead_window >= min(self.tokens):
+            for k in grid["k"]:
+                if k <= 0 or (any(ARCHITECTURES[a].uses_k for a in grid["arch"]) and k > min(grid["width"])):
+                    raise ValueError(f"--k {k} must be positive and at most the smallest --width")
+            if any(t <= 0 for t in grid["tokens"]) or len(set(grid["tokens"])) != len(grid["tokens"]):
+                raise ValueError("--tokens must be positive, each budget given once")
+        shortest = min(t for grid in self.grids() for t in grid["tokens"])
+        if self.dead_window is not None and self.dead_window >= shortest:
             raise ValueError(
-                f"--dead-window {self.dead_window} is not shorter than the run (--tokens {min(self.tokens)}), so no "
+                f"--dead-window {self.dead_window} is not shorter than the run (--tokens {shortest}), so no "
                 "latent could ever count as dead and AuxK would never run; give a smaller one or leave it "
                 "unset (a twentieth of --tokens)"
             )
@@ -129,6 +143,29 @@ class TrainConfig(StageConfig):
         if len({s.name for s in self.specs()}) != len(self.specs()):
             raise ValueError("an SAE is named twice; repeat --arch/--width/--k values only once")
         return self
+
+    @field_validator("also", mode="before")
+    @classmethod
+    def _parse_also(cls, value: Any) -> Any:
+        """Entries from the command line are JSON; each key one of GRID_KEYS, each value a list."""
+        out = []
+        for entry in value or []:
+            if isinstance(entry, str):
+                try:
+                    entry = json.loads(entry)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f'--also takes JSON objects such as \'{{"arch": ["topk"]}}\' ({e})'
+                    ) from None
+            if not isinstance(entry, dict) or set(entry) - set(GRID_KEYS) or not entry:
+                raise ValueError(f"each --also entry overrides some of {', '.join(GRID_KEYS)}")
+            out.append({k: v if isinstance(v, list) else [v] for k, v in entry.items()})
+        return out
+
+    def grids(self) -> list[dict[str, list]]:
+        """This section's grid and each `also` grid (arch x width x k x tokens)."""
+        base = {key: getattr(self, key) for key in GRID_KEYS}
+        return [base, *({**base, **over} for over in self.also)]
 
     def resolved_dead_window(self, tokens: int) -> int:
         """The dead-latent window in tokens for an SAE trained on `tokens` (the default scales with it)."""
@@ -143,19 +180,22 @@ class TrainConfig(StageConfig):
             "l0_coefficient": self.l0_coefficient,
             "bandwidth": self.jumprelu_bandwidth,
             "threshold_init": self.jumprelu_threshold_init,
+            "target_l0": self.jumprelu_target_l0,
             "auxk_coefficient": self.auxk_coefficient,
         }
-        out = []
-        for arch in self.arch:
-            cls = ARCHITECTURES[arch]
-            hparams = {k: v for k, v in settings.items() if k in cls.default_hparams}
-            for width in self.width:
-                own = dict(hparams)
-                if "prefixes" in cls.default_hparams and self.matryoshka_prefixes:
-                    own["prefixes"] = sorted({max(1, round(f * width)) for f in self.matryoshka_prefixes})
-                for k in self.k if cls.uses_k else [None]:
-                    for tokens in self.tokens:
-                        name = f"{arch}-w{width}" + (f"-k{k}" if k is not None else "")
-                        name += f"-t{tokens}" if len(self.tokens) > 1 else ""
-                        out.append(SAESpec(name, arch, width, k, dict(own), tokens))
-        return out
+        several_budgets = len({t for grid in self.grids() for t in grid["tokens"]}) > 1
+        out: dict[str, SAESpec] = {}
+        for grid in self.grids():
+            for arch in grid["arch"]:
+                cls = ARCHITECTURES[arch]
+                hparams = {k: v for k, v in settings.items() if k in cls.default_hparams}
+                for width in grid["width"]:
+                    own = dict(hparams)
+                    if "prefixes" in cls.default_hparams and self.matryoshka_prefixes:
+                        own["prefixes"] = sorted({max(1, round(f * width)) for f in self.matryoshka_prefixes})
+                    for k in grid["k"] if cls.uses_k else [None]:
+                        for tokens in grid["tokens"]:
+                            name = f"{arch}-w{width}" + (f"-k{k}" if k is not None else "")
+                            name += f"-t{tokens}" if several_budgets else ""
+                            out.setdefault(name, SAESpec(name, arch, width, k, dict(own), tokens))
+        return list(out.values())

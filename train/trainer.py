@@ -32,7 +32,7 @@ from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
 from saepipe.train.sae_dir import save_sae
-from saepipe.train.saes import SAE, build_sae
+from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 from saepipe.train.step import make_optimizer, sae_step
 
 # Settings that may change between a run and its resumption without changing the result.
@@ -92,20 +92,33 @@ def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
     return distributed.all_reduce_mean(geometric_median(sample).float())
 
 
-def build_saes(cfg: TrainConfig, d_in: int) -> dict[str, SAE]:
+def build_saes(cfg: TrainConfig, d_in: int, input_rms: float = 1.0) -> dict[str, SAE]:
     """Freshly initialised SAEs of the run, seeded so every rank builds the same ones. The budgets of one
-    (arch, width, k) start from the same weights, so a budget curve differs in training length alone."""
+    (arch, width, k) start from the same weights, so a budget curve differs in training length alone.
+    `input_rms` (RMS per dimension of what the SAEs see) converts settings given in its units."""
     torch.manual_seed(cfg.seed)
     saes: dict[str, SAE] = {}
     first: dict[tuple, SAE] = {}
     for spec in cfg.specs():
         key = (spec.arch, spec.width, spec.k)
         if key not in first:
-            first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=spec.hparams)
+            scaled = ARCHITECTURES[spec.arch].scaled_hparams
+            hparams = {k: v * input_rms if k in scaled else v for k, v in spec.hparams.items()}
+            first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=hparams)
         sae = copy.deepcopy(first[key])
         sae.dead_window = cfg.resolved_dead_window(spec.tokens)
         saes[spec.name] = sae
     return saes
+
+
+def input_rms(loader: ActivationLoader) -> float:
+    """RMS per dimension of the training input (1 after --normalize), from the stores' statistics."""
+    stats = [s.stats(loader.hook) for s in loader.stores]
+    count = sum(st.count for st in stats)
+    if count == 0:
+        return 1.0
+    msn = sum(st.count * st.mean_sq_norm for st in stats) / count
+    return float(np.sqrt(msn / loader.d_model)) * loader.scale
 
 
 def _compared(config: dict) -> dict:
@@ -141,7 +154,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     global_batch = cfg.batch_size * info.world_size
     totals = {s.name: max(1, s.tokens // global_batch) for s in specs}  # steps of each SAE
     total = max(totals.values())
-    saes = {name: sae.to(info.device) for name, sae in build_saes(cfg, loader.d_model).items()}
+    built = build_saes(cfg, loader.d_model, input_rms(loader))
+    saes = {name: sae.to(info.device) for name, sae in built.items()}
     optimizers = {name: make_optimizer(sae, cfg.lr) for name, sae in saes.items()}
 
     start_step, position, wandb_id = 0, StreamPosition(), None

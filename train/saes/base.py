@@ -77,6 +77,8 @@ class SAE(nn.Module):
     init_decoder_norm: ClassVar[float] = 1.0
     default_hparams: ClassVar[dict[str, Any]] = {}
     """Architecture settings (coefficients, ...) with their defaults; saved in cfg.json."""
+    scaled_hparams: ClassVar[tuple[str, ...]] = ()
+    """Settings the trainer is given in units of the input's RMS per dimension (converted when built)."""
     dead_window: int = 1_000_000
     """Tokens without firing after which a latent counts as dead (set by the trainer; AuxK uses it)."""
 

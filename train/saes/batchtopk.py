@@ -13,7 +13,35 @@ from typing import Any, ClassVar
 import torch
 
 from saepipe.train.saes.base import SAE, StepContext
+from saepipe.train.saes.sparse import dense_mode
 from saepipe.train.saes.topk import auxk_loss
+
+
+def batch_topk_support(
+    acts: torch.Tensor, k: int, per_row: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, latents) of the n * k largest entries of `acts` [n, d_sae], sorted by (row, latent).
+
+    Fast path: each row's `per_row` (default 4k) largest entries are candidates and the global top n * k is
+    taken among them; that is exact unless some row had every candidate chosen (it might hold more), in
+    which case the whole matrix is ranked. `batch_topk_reference` is the plain version (tests compare)."""
+    n, d_sae = acts.shape
+    m = min(d_sae, per_row or 4 * k)
+    if m == d_sae or dense_mode():
+        return batch_topk_reference(acts, k)
+    values, idx = acts.topk(m, dim=-1, sorted=False)
+    chosen = values.reshape(-1).topk(n * k, sorted=False).indices
+    rows = chosen // m
+    if int(torch.bincount(rows, minlength=n).max()) >= m:
+        return batch_topk_reference(acts, k)
+    flat = (rows * d_sae + idx.reshape(-1)[chosen]).sort().values
+    return flat // d_sae, flat % d_sae
+
+
+def batch_topk_reference(acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d_sae = acts.shape
+    flat = acts.reshape(-1).topk(n * k, sorted=False).indices.sort().values
+    return flat // d_sae, flat % d_sae
 
 
 class BatchTopKSAE(SAE):
@@ -36,9 +64,7 @@ class BatchTopKSAE(SAE):
         return pre * (pre > self.threshold)
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, d_sae = pre.shape
-        flat = torch.relu(pre).reshape(-1).topk(n * self.k, sorted=False).indices.sort().values
-        return flat // d_sae, flat % d_sae
+        return batch_topk_support(torch.relu(pre), self.k)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}

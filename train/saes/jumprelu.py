@@ -58,7 +58,10 @@ class JumpReLUSAE(SAE):
         "l0_coefficient": 1.0,
         "bandwidth": 0.001,
         "threshold_init": 0.001,
+        "target_l0": None,
     }
+    scaled_hparams: ClassVar[tuple[str, ...]] = ("bandwidth", "threshold_init")
+    """Settings given in units of the input's RMS per dimension; the trainer converts them to input units."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -90,4 +93,6 @@ class JumpReLUSAE(SAE):
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         theta = self.threshold[ctx.code.latents]
         l0 = _Step.apply(ctx.pre_values, theta, self.hparams["bandwidth"]).sum() / ctx.code.n_tokens
-        return {"l0": self.hparams["l0_coefficient"] * ctx.sparsity_scale * l0}
+        target = self.hparams.get("target_l0")
+        penalty = (l0 / target - 1) ** 2 if target else l0
+        return {"l0": self.hparams["l0_coefficient"] * ctx.sparsity_scale * penalty}
