@@ -57,6 +57,11 @@ class TrainConfig(StageConfig):
     """Fraction of steps over which the learning rate rises linearly from 0."""
     lr_decay: float = Field(0.2, ge=0, le=1)
     """Fraction of steps at the end over which the learning rate falls linearly to 0."""
+    k_anneal: float = Field(0.0, ge=0, le=1)
+    """topk, batchtopk, matryoshka: fraction of steps over which the training k falls linearly from
+    k_anneal_start x k to k (0: no annealing); a generous k early keeps latents from merging features."""
+    k_anneal_start: float = Field(4.0, ge=1)
+    """The starting multiple of k when --k-anneal is set."""
     sparsity_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of steps over which the L1/L0 coefficient rises linearly from 0 (relu, jumprelu)."""
     l1_coefficient: float = Field(5.0, ge=0)

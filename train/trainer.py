@@ -61,6 +61,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * factor
 
 
+def k_at(step: int, total: int, cfg: TrainConfig, k: int | None, width: int) -> int | None:
+    """The training k at `step`: k_anneal_start x k falling linearly to k over the first k_anneal of steps."""
+    span = round(cfg.k_anneal * total)
+    if k is None or span == 0 or step >= span:
+        return None
+    return min(width, round(k * (cfg.k_anneal_start - (cfg.k_anneal_start - 1) * step / span)))
+
+
 def sparsity_at(step: int, total: int, cfg: TrainConfig) -> float:
     warm = round(cfg.sparsity_warmup * total)
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
@@ -191,6 +199,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if step >= totals[name]:
                     continue  # this SAE's budget is spent; the stream goes on for the larger ones
                 lr, scale = lr_at(step, totals[name], cfg), sparsity_at(step, totals[name], cfg)
+                sae.train_k = k_at(step, totals[name], cfg, sae.k, sae.d_sae)
                 with autocast:
                     res = sae_step(sae, optimizers[name], batch.x, lr, scale)
                 counts = distributed.all_reduce_sum(res.fire_counts)

@@ -90,6 +90,7 @@ class SAE(nn.Module):
         if unknown:
             raise ValueError(f"{self.architecture} has no settings {sorted(unknown)}")
         self.d_in, self.d_sae, self.k = d_in, d_sae, (k if self.uses_k else None)
+        self.train_k: int | None = None  # the trainer's annealed k for this step; inference always uses k
         self.hparams = {**self.default_hparams, **(hparams or {})}
         W_dec = torch.randn(d_sae, d_in)
         W_dec *= self.init_decoder_norm / W_dec.norm(dim=1, keepdim=True)
@@ -138,6 +139,11 @@ class SAE(nn.Module):
     def set_tensor(self, name: str, value: torch.Tensor) -> None:
         """Load one SAE-dir tensor (`load_sae`); an architecture that parameterises it otherwise overrides."""
         getattr(self, name).copy_(value)
+
+    @property
+    def active_k(self) -> int | None:
+        """k for training selection: the annealed value while the trainer sets one, else k."""
+        return self.train_k or self.k
 
     def cfg_fields(self) -> dict[str, Any]:
         """Architecture-specific cfg.json fields."""

@@ -64,7 +64,7 @@ class BatchTopKSAE(SAE):
         return pre * (pre > self.threshold)
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_topk_support(torch.relu(pre), self.k)
+        return batch_topk_support(torch.relu(pre), self.active_k)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}

@@ -30,7 +30,7 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter(-1, indices, values)
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows_of(pre.topk(self.k, dim=-1, sorted=False).indices)
+        return rows_of(pre.topk(self.active_k, dim=-1, sorted=False).indices)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}
