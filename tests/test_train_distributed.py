@@ -88,3 +88,74 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, 
             np.testing.assert_allclose(got[key], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{name}/{key}")
         moved = float(np.abs(got["W_dec"] - start["W_dec"].numpy()).max())
         assert moved > 1e-2, f"{name}: weights barely moved; the comparison would be vacuous"
+
+
+# Trains in a fresh process (a process group must not leak into the test session); prints the group's
+# backend last. `nccl_only` starts an NCCL-only group first, which refuses any CPU tensor: training
+# through it proves every collective of the run is built on the compute device (issue 16).
+ARCHS = ["topk", "batchtopk", "relu"]
+_ONE_RANK = """
+import json, sys
+import torch, torch.distributed as dist
+from saepipe.train import distributed
+from saepipe.train.config import TrainConfig
+from saepipe.train.trainer import train
+args = json.loads(sys.argv[1])
+if args.pop("nccl_only"):
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
+train(TrainConfig(**args))
+backend = str(dist.get_backend()) if dist.is_initialized() else None
+distributed.shutdown()
+print(json.dumps({"backend": backend}))
+"""
+
+
+def _train_one_rank(tiny_store, out, device: str, group: str) -> str | None:
+    args = {
+        "stores": [str(tiny_store)], "hook": HOOK, "out": str(out), "arch": ARCHS,
+        "width": [96], "k": [6], "tokens": 64 * 12, "batch_size": 64, "lr": 3e-3, "buffer_tokens": 300,
+        "device": device, "log_every": 4, "checkpoint_every": 5, "wandb": "disabled",
+        "nccl_only": group == "nccl-only",
+    }  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if group != "none":
+        env.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    res = subprocess.run(
+        [sys.executable, "-c", _ONE_RANK, json.dumps(args)], env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])["backend"]
+
+
+@pytest.mark.parametrize(
+    ("device", "group", "backend"),
+    [
+        ("cpu", "launcher", "gloo"),
+        pytest.param("cuda", "launcher", "cpu:gloo,cuda:nccl", marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+        pytest.param("cuda", "nccl-only", "nccl", marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    ],
+)  # fmt: skip
+def test_one_rank_with_a_process_group_trains_like_no_group(tiny_store, tmp_path, device, group, backend):
+    """One rank under a launcher (MASTER_ADDR/PORT set) starts a real process group through
+    `distributed.init`, so every reduction of the step really runs; the SAEs must equal a run without one."""
+    got = _train_one_rank(tiny_store, tmp_path / "group", device, group)
+    assert got == backend, f"the run used process group {got!r}, not {backend!r}: the test would be vacuous"
+    assert _train_one_rank(tiny_store, tmp_path / "plain", device, "none") is None
+    starts = build_saes(TrainConfig(stores=["s"], hook=HOOK, out="o", arch=ARCHS, width=[96], k=[6]), 64)
+    for name, start in starts.items():
+        a = load_file(str(tmp_path / "group" / name / "sae_weights.safetensors"))
+        b = load_file(str(tmp_path / "plain" / name / "sae_weights.safetensors"))
+        moved = float(np.abs(a["W_dec"] - sae_tensors(start)["W_dec"].numpy()).max())
+        assert moved > 1e-3, f"{name}: weights barely moved; the comparison would be vacuous"
+        for key in a:
+            if device == "cpu":  # a sum and a mean over one rank are exact
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}/{key}")
+            else:  # CUDA scatter-adds may sum in another order from run to run
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{name}/{key}")
