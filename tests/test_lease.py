@@ -189,7 +189,7 @@ def test_harvest_whose_lease_is_stolen_exits_with_one_line(tmp_path, tiny_model_
             time.sleep(0.01)
     at_theft = committed()
     try:
-        stdout, stderr = proc.communicate(timeout=300)
+        _, stderr = proc.communicate(timeout=300)
         assert 0 < at_theft < 1024, (
             "the harvest ended before its lease could be taken: the test would be vacuous"
         )
