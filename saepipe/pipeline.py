@@ -304,6 +304,15 @@ class Runner:
                 print(f"[{stage}] up to date, skipped")
                 ctx = {**ctx, **stamp["outputs"]}
                 continue
+            # A harvest stamped before dataset fingerprints (issue 16): redoing it unasked could replace the
+            # later stages' outputs, trusting it could serve an edited corpus, so the user decides.
+            legacy = stage == "harvest" and done and "dataset" not in stamp["want"]
+            if legacy and stage not in self.cfg.force and not self.cfg.dry_run:
+                raise SaepipeError(
+                    f"{self.where(stage)}: its harvest was stamped before saepipe fingerprinted datasets, so "
+                    "whether the corpus changed since cannot be checked; rerun with --force harvest to harvest "
+                    "again (the stages after it are redone if the store changed)"
+                )
             if self.cfg.dry_run:
                 print(f"[{stage}] would run:")
                 for label, c in configs:

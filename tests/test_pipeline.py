@@ -121,6 +121,34 @@ def test_an_edited_corpus_is_harvested_again(tmp_path, tiny_pipeline, small_corp
     assert cfg["saepipe"]["store"][0]["path"] == new_store  # and the SAE was retrained on the new store
 
 
+def test_a_harvest_stamped_before_fingerprints_is_redone_only_when_asked(tmp_path, tiny_pipeline, capsys):
+    """A pipeline finished by an older saepipe (its harvest stamp holds no dataset fingerprint) is neither
+    trusted nor silently redone (which would replace its trained SAEs): one line asks for --force harvest."""
+    del tiny_pipeline["tiny"]["analyze"]
+    config = _write(tmp_path, tiny_pipeline)
+    assert main(["run", "tiny", "--config", config]) == 0
+    path = tmp_path / "runs" / "tiny" / ".saepipe" / "harvest.json"
+    old = json.loads(path.read_text())
+    del old["want"]["dataset"]
+    old["want"]["configs"][0]["seed"] = 0
+    path.write_text(json.dumps(old))
+    train = tmp_path / "runs" / "tiny" / "train"
+    before = {p: p.read_bytes() for p in train.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    capsys.readouterr()
+
+    assert main(["run", "tiny", "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--force harvest" in err and len(err.splitlines()) == 1, err
+    assert json.loads(path.read_text()) == old
+    assert {p: p.read_bytes() for p in train.rglob("*") if p.is_file() and "wandb" not in p.parts} == before
+
+    assert main(["run", "tiny", "--config", config, "--force", "harvest"]) == 0
+    assert "dataset" in _stamp(tmp_path, "harvest")["want"]
+    # the same text gives the same store, so the trained SAEs stay as they were
+    assert _stamp(tmp_path, "harvest")["outputs"]["store"] == old["outputs"]["store"]
+    assert {p: p.read_bytes() for p in train.rglob("*") if p.is_file() and "wandb" not in p.parts} == before
+
+
 def test_killed_stage_resumes_on_rerun(tmp_path, tiny_pipeline):
     """A stage killed mid-run (its stamp says running) is resumed by the rerun, not wiped and restarted."""
     import subprocess
