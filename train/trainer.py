@@ -97,7 +97,7 @@ def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
         mean = sum(st.count * st.mean for st in stats) / max(count, 1)
         return torch.from_numpy(np.asarray(mean * loader.scale, dtype=np.float32))
     sample = torch.from_numpy(loader.load_window(0, 0).rows[:8192])
-    return distributed.all_reduce_mean(geometric_median(sample).float())
+    return distributed.all_reduce_mean(geometric_median(sample).float().to(loader.device))  # NCCL wants CUDA
 
 
 def build_saes(cfg: TrainConfig, d_in: int, input_rms: float = 1.0) -> dict[str, SAE]:
@@ -177,7 +177,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         with torch.no_grad():
             for sae in saes.values():
                 sae.b_dec.copy_(b_dec)
-    if not distributed.all_agree(start_step):
+    if not distributed.all_agree(start_step, info.device):
         raise SaepipeError(
             f"ranks disagree on the checkpoint step in {out}; remove {out}/checkpoint to restart"
         )
@@ -201,9 +201,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 lr, scale = lr_at(step, totals[name], cfg), sparsity_at(step, totals[name], cfg)
                 sae.train_k = k_at(step, totals[name], cfg, sae.k, sae.d_sae)
                 with autocast:
-                    res = sae_step(sae, optimizers[name], batch.x, lr, scale)
-                counts = distributed.all_reduce_sum(res.fire_counts)
-                metrics[name].add(res, batch.x, counts, global_batch)
+                    res = sae_step(sae, optimizers[name], batch.x, lr, scale, n_tokens=global_batch)
+                metrics[name].add(res.out, batch.x, res.fire_counts, res.n_tokens)
             done = step + 1
             if done % cfg.log_every == 0 or done == total or done in totals.values():
                 per_sae = {name: m.summary(saes[name]) for name, m in metrics.items() if m.steps}
