@@ -4,7 +4,8 @@
 
 Held-out text: contexts packed exactly as the harvest packed the store (same dataset, tokenizer, context
 size, BOS) but taken after the contexts the store holds, so the SAE never trained on them (`--dataset`
-swaps in another text source, packed from its start). Three forwards per batch, at the SAE's hook:
+swaps in another text source, packed from its start). Three forwards per batch, at the SAE's hook, the
+last two through saepipe.splice (the one splicing path of `steer`, the API and training's --eval-every):
 
     clean     the original activations
     spliced   x -> decode(encode(x))
@@ -25,11 +26,9 @@ identical in all three runs and is left out).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,9 @@ from tqdm import tqdm
 
 from saepipe.analyze.config import EvaluateConfig
 from saepipe.analyze.inputs import open_inputs
+from saepipe.analyze.splice import Observed, Splice, spliced, zero_ablated
 from saepipe.errors import SaepipeError
 from saepipe.harvest.corpus import iter_texts, pack_contexts
-from saepipe.harvest.hooks import resolve_hooks
 from saepipe.harvest.models import load_model, resolve_device
 from saepipe.harvest.store import ActivationStore
 
@@ -104,23 +103,8 @@ def heldout_contexts(
     return np.stack(rows)
 
 
-@contextlib.contextmanager
-def replaced(
-    bridge: Any, point: str, fn: Callable[[torch.Tensor], torch.Tensor], first: int
-) -> Iterator[None]:
-    """Within the block, positions `first:` of hook `point` are replaced by `fn(x)`; removed in finally."""
-
-    def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
-        out = x.clone()
-        out[:, first:] = fn(x[:, first:]).to(x.dtype)
-        return out
-
-    with bridge.hooks(fwd_hooks=[(point, hook)]):  # TransformerBridge removes its hooks in a finally
-        yield
-
-
 class _Sums:
-    """Running sums for the metrics (float64)."""
+    """Running sums for the metrics (float64), fed by the splice's `observe`."""
 
     def __init__(self, d_in: int, d_sae: int, device: torch.device):
         self.ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
@@ -132,6 +116,16 @@ class _Sums:
         self.x_sq = 0.0
         self.l0 = 0.0
         self.ever_active = torch.zeros(d_sae, dtype=torch.bool, device=device)
+
+    def observe(self, seen: Observed) -> None:
+        x, z = seen.x, seen.z  # [n, d_in], [n, d_sae] at the spliced positions
+        self.sq_err += float(((x - seen.recon) ** 2).sum(dtype=torch.float64))
+        self.x_sum += x.sum(dim=0, dtype=torch.float64)
+        self.x_sq += float((x * x).sum(dtype=torch.float64))
+        active = z > 0
+        self.l0 += float(active.sum())
+        self.n_tok += active.shape[0]
+        self.ever_active |= active.any(0)
 
 
 @torch.inference_mode()
@@ -151,23 +145,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
             "with (fingerprints differ); cannot evaluate the SAE on it"
         )
     bridge = model.bridge
-    point = resolve_hooks(bridge, [inp.hook])[inp.hook]
     tokens = heldout_contexts(store, model.tokenizer, cfg.contexts, cfg.dataset)
     first = 1 if store.settings["prepend_bos"] else 0
     sums = _Sums(int(sae.cfg["d_in"]), int(sae.cfg["d_sae"]), device)
-
-    def splice(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        z = sae.encode(xf)
-        x_hat = sae.decode(z)
-        sums.sq_err += float(((xf - x_hat) ** 2).sum(dtype=torch.float64))
-        sums.x_sum += xf.sum(dim=(0, 1), dtype=torch.float64)
-        sums.x_sq += float((xf * xf).sum(dtype=torch.float64))
-        active = z > 0
-        sums.l0 += float(active.sum())
-        sums.n_tok += active.shape[0] * active.shape[1]
-        sums.ever_active |= active.flatten(0, 1).any(0)
-        return x_hat
+    skip_bos = bool(store.settings["prepend_bos"])  # the store put BOS at position 0: leave it untouched
+    splice = Splice(sae, hook=inp.hook, observe=sums.observe)
 
     bar = tqdm(total=len(tokens), unit="ctx", desc="evaluate", disable=not progress)
     for b in range(0, len(tokens), cfg.batch_size):
@@ -179,12 +161,12 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
 
         clean = log_probs(bridge(batch, return_type="logits"))
         sums.ce["clean"] += float(F.nll_loss(clean, target, reduction="sum"))
-        with replaced(bridge, point, splice, first):
-            spliced = log_probs(bridge(batch, return_type="logits"))
-        sums.ce["spliced"] += float(F.nll_loss(spliced, target, reduction="sum"))
-        sums.kl += float(F.kl_div(spliced, clean, log_target=True, reduction="sum"))
-        del spliced
-        with replaced(bridge, point, torch.zeros_like, first):
+        with spliced(bridge, splice, skip_bos=skip_bos):
+            spliced_lp = log_probs(bridge(batch, return_type="logits"))
+        sums.ce["spliced"] += float(F.nll_loss(spliced_lp, target, reduction="sum"))
+        sums.kl += float(F.kl_div(spliced_lp, clean, log_target=True, reduction="sum"))
+        del spliced_lp
+        with zero_ablated(bridge, inp.hook, skip_bos=skip_bos):
             zero = log_probs(bridge(batch, return_type="logits"))
         sums.ce["zero"] += float(F.nll_loss(zero, target, reduction="sum"))
         sums.n_pred += len(target)
