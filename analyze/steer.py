@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from saepipe.analyze.config import SteerConfig
-from saepipe.analyze.splice import Splice, generate, load_model_for
 from saepipe.errors import SaepipeError
 from saepipe.harvest.models import resolve_device
 from saepipe.train import load_sae
+from saepipe.train.splice import Splice, generate, load_model_for
 
 
 @dataclass(frozen=True)

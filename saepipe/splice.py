@@ -1,10 +1,11 @@
 """`import saepipe.splice`: run a model with SAEs spliced in (reconstruct, keep the error term, ablate,
-clamp, steer) from Python. The implementation is `saepipe.analyze.splice` (it needs the harvest stage's
-model loading and the train stage's SAEs); this module only re-exports it, and nothing in the bottom
-layer (`saepipe.config`, `saepipe.errors`, `saepipe.cli`) imports it. See that module for the contract.
+clamp, steer) from Python. The implementation is `saepipe.train.splice`: it needs the harvest stage's model
+loading and the train stage's SAEs, and training itself splices through it (`saepipe train --eval-every`),
+so it sits in the train stage, below analyze. This module only re-exports it; nothing in the bottom layer
+(`saepipe.config`, `saepipe.errors`, `saepipe.cli`) imports it. See `saepipe.train.splice` for the contract.
 """
 
-from saepipe.analyze.splice import (
+from saepipe.train.splice import (
     Observed,
     Splice,
     generate,

@@ -12,13 +12,13 @@ from safetensors.numpy import load_file
 
 import saepipe.splice as splice_api
 from saepipe.analyze.logits import logit_effects, unembedding_of
-from saepipe.analyze.splice import Splice, _bos_mask, generate, run, spliced, zero_ablated
 from saepipe.errors import SaepipeError
 from saepipe.harvest import open_store
 from saepipe.harvest.hooks import recording, resolve_hooks
 from saepipe.harvest.models import load_model
 from saepipe.train import load_sae, save_sae
 from saepipe.train.saes import build_sae
+from saepipe.train.splice import Splice, _bos_mask, generate, run, spliced, zero_ablated
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 NEXT = "blocks.1.hook_resid_pre"  # the residual block 1 reads: H0's output after the splice
@@ -187,6 +187,9 @@ def test_bad_latents_and_hooks_are_one_line_errors(model, tmp_path):
         SaepipeError, match=r"latent 256 is out of range: the SAE has 256 latents \(0\.\.255\)"
     ):
         Splice(sae, clamp={256: 1.0})
+    narrow = build_sae("topk", 16, 32, k=2)
+    with pytest.raises(SaepipeError, match="width 64 but the SAE reads d_in=16"):
+        run(model.bridge, torch.tensor([[1, 2, 3]]), [Splice(narrow, hook=H0)])
     with (
         pytest.raises(SaepipeError, match="unknown hook"),
         spliced(model.bridge, Splice(sae, hook="blocks.0.hook_resid_pots")),
@@ -194,7 +197,19 @@ def test_bad_latents_and_hooks_are_one_line_errors(model, tmp_path):
         pass
 
 
-def test_saepipe_splice_is_the_analyze_module():
+def test_gradients_flow_through_the_splice(model, tokens, tmp_path):
+    """Attribution needs d(loss)/d(earlier weights) through a spliced SAE: nothing in the path is no_grad."""
+    sae, _ = make_sae(tmp_path, "topk", H0)
+    bridge = model.bridge
+    weights = [p for n, p in bridge.named_parameters() if "layers.0." in n]  # reach the loss only via H0
+    assert weights
+    with spliced(bridge, Splice(sae, keep_error=False, clamp={3: 1.0}), skip_bos=False):  # BOS would leak
+        loss = bridge(tokens[:1], return_type="loss")
+    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_saepipe_splice_is_the_train_module():
     assert splice_api.Splice is Splice and splice_api.spliced is spliced and splice_api.generate is generate
 
 

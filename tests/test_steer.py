@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from saepipe.analyze.config import SteerConfig
-from saepipe.analyze.splice import Splice, generate
 from saepipe.analyze.steer import steer
 from saepipe.cli import main
 from saepipe.harvest import open_store
 from saepipe.harvest.models import load_model
 from saepipe.train import load_sae, save_sae
 from saepipe.train.saes import build_sae
+from saepipe.train.splice import Splice, generate
 
 HOOK = "blocks.0.hook_resid_post"
 

@@ -17,8 +17,10 @@ At an SAE's hook, for activations x [batch, pos, d_in] (float32 whatever the mod
                           = x + (z' - z) @ W_dec                    (computed so: exactly x when z' = z)
     steer              ... + sum_l steer[l] * W_dec[l]             added last (no encoding needed)
 
-Several SAEs (at one hook or several) splice in order. Hooks are added in a context manager and removed in
-`finally` (the bridge's own `hooks`), so an exception never leaves a model spliced.
+Several SAEs (at one hook or several) splice in order. Hooks are added in a context manager and removed
+in `finally` (the bridge's own `hooks`), so an exception never leaves a model spliced. This is the one
+splicing path: `saepipe evaluate`, `saepipe steer` and training's `--eval-every` (train/faithfulness.py)
+all go through it, which is why it sits in the train stage (analyze imports train, never the reverse).
 
 BOS: with `skip_bos` (default), a BOS token at the start of a row (after any left padding) keeps its
 activation: training drops that position (its norm is an outlier) and `saepipe evaluate` leaves it alone.
@@ -73,9 +75,9 @@ class Splice:
     """Called with each forward's activations and code (it sees the spliced positions only)."""
 
     def __post_init__(self) -> None:
-        self.hook = self.hook or self.sae.cfg.get("hook_name")
+        self.hook = self.hook or getattr(self.sae, "cfg", {}).get("hook_name")
         if not self.hook:
-            raise SaepipeError("this SAE's cfg.json names no hook_name; give Splice(..., hook=...)")
+            raise SaepipeError("no hook: this SAE's cfg.json names no hook_name; give Splice(..., hook=...)")
         d_sae = self.sae.d_sae
         for latent in [*self.ablate, *self.clamp, *self.steer]:
             if not 0 <= int(latent) < d_sae:
@@ -87,10 +89,14 @@ class Splice:
     def edited(self) -> list[int]:
         return sorted({int(i) for i in self.ablate} | {int(i) for i in self.clamp})
 
-    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """[n, d_in] float32 activations -> what the model continues with."""
+        """[n, d_in] float32 activations -> what the model continues with (differentiable in x)."""
         sae, edited = self.sae, self.edited
+        if x.shape[-1] != sae.d_in:
+            raise SaepipeError(
+                f"hook {self.hook} gives activations of width {x.shape[-1]} but the SAE reads d_in={sae.d_in}: "
+                "it is an SAE of another model or hook"
+            )
         if self.keep_error and not edited and self.observe is None:
             out = x  # nothing to change: no encoding at all
         else:
