@@ -132,6 +132,16 @@ def sae_tensors(sae: SAE, input_scale: float = 1.0) -> dict[str, torch.Tensor]:
     return {name: t.float().cpu().contiguous().clone() for name, t in tensors.items()}
 
 
+def folded(sae: SAE, input_scale: float = 1.0) -> SAE:
+    """A copy of `sae` as its SAE dir will hold it (the input scale folded in, float32, eval mode), on its
+    device: what splicing a model mid-training needs, since a training SAE may see scaled inputs."""
+    copy = build_sae(sae.architecture, sae.d_in, sae.d_sae, k=sae.k, hparams=sae.hparams)
+    with torch.no_grad():
+        for name, value in sae_tensors(sae, input_scale).items():
+            getattr(copy, name).copy_(value)
+    return copy.to(sae.W_dec.device).eval()
+
+
 def sae_cfg(sae: SAE, hook_name: str, model_name: str, input_scale: float = 1.0, **extra: Any) -> dict:
     """cfg.json for `sae`. `extra` may give context_size, prepend_bos, dataset_path (top level and
     metadata) and `saepipe` (store, training: merged into saepipe's own section)."""
