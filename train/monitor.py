@@ -13,7 +13,8 @@ trainer uses, so a SAELens user reads the dashboard without a glossary:
 
 The evaluation runs on rank 0 only, on the SAE as its dir will hold it (input normalisation folded in),
 with the BOS position kept as `saepipe evaluate` keeps it; at the last step it reports what
-`saepipe evaluate --contexts <eval-contexts>` reports for the saved SAE.
+`saepipe evaluate --contexts <eval-contexts>` reports for the saved SAE. The held-out contexts are those
+packed after the store's when training starts; under `--follow` the growing store may take them in later.
 """
 
 from __future__ import annotations

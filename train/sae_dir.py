@@ -1,7 +1,7 @@
 """The SAE dir: what the train stage writes and every later stage reads. This module is its contract.
 
 An SAE dir is also a SAELens 6.x SAE dir: `sae_lens.SAE.load_from_disk(dir)` loads every architecture and
-encodes/decodes as saepipe does (checked in CI against sae-lens 6.54.12, scripts/saelens_interop.sh).
+encodes/decodes as saepipe does (checked in CI against sae-lens 6.54.12 by tests/test_saelens_interop.py).
 
 Layout (format version 2):
 
