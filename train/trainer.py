@@ -30,12 +30,14 @@ from saepipe.train import checkpoint, distributed
 from saepipe.train.config import TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
+from saepipe.train.monitor import Monitor, details
 from saepipe.train.sae_dir import save_sae
 from saepipe.train.saes import SAE, build_sae
 from saepipe.train.step import make_optimizer, sae_step
 
 # Settings that may change between a run and its resumption without changing the result.
 FREE_TO_CHANGE = {"log_every", "checkpoint_every", "wandb", "wandb_project", "device", "resume"}
+FREE_TO_CHANGE |= {"eval_every", "eval_contexts"}  # what train/monitor.py logs, not what is trained
 
 
 @dataclass
@@ -132,6 +134,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed, info.rank, info.world_size,
         cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow,
     )  # fmt: skip
+    monitor = Monitor(cfg, loader.stores[0], info.device, info.is_main)  # spliced evals (train/monitor.py)
     global_batch = cfg.batch_size * info.world_size
     total = max(1, cfg.tokens // global_batch)
     saes = {name: sae.to(info.device) for name, sae in build_saes(cfg, loader.d_model).items()}
@@ -174,8 +177,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 per_sae = {name: m.summary(saes[name]) for name, m in metrics.items()}
-                reporter.log(done, total, done * global_batch, per_sae)
+                reporter.log(done, total, done * global_batch, per_sae, extra=details(lr, scale, saes))
                 metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
+            if monitor.due(done, total):
+                reporter.log_extra(done, monitor.evaluate(done, saes, loader.scale))
             if done % cfg.checkpoint_every == 0 and done < total:
                 _check_finite(saes, done, out)  # never replace a good checkpoint with a diverged one
                 with _disk_full_is_an_error(out, f"the checkpoint of step {done:,}"):

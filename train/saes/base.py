@@ -133,10 +133,6 @@ class SAE(nn.Module):
     def update_state(self, stats: dict[str, torch.Tensor]) -> None:
         """Fold rank-averaged `TrainOutput.state_stats` into buffers (BatchTopK's threshold)."""
 
-    def cfg_fields(self) -> dict[str, Any]:
-        """Architecture-specific cfg.json fields."""
-        return {"k": self.k} if self.uses_k else {}
-
     # ---- shared training machinery ----
     def decode_code(self, code: SparseCode, with_bias: bool = True) -> torch.Tensor:
         out = sparse_decode(code.rows, code.latents, code.values, self.W_dec, code.n_tokens)
