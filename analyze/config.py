@@ -1,6 +1,8 @@
-"""The analyze stage's configs: `saepipe analyze` and `saepipe evaluate` flags (and pipelines.yaml sections)."""
+"""The analyze stage's configs: `saepipe analyze`, `evaluate` and `steer` flags (and pipelines.yaml sections)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -69,3 +71,59 @@ class EvaluateConfig(StageConfig):
     """Where to write the JSON results; default: SAE_DIR/evaluation.json."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, or cuda:N."""
+
+
+class SteerConfig(StageConfig):
+    sae: str
+    """SAE directory whose latents to intervene with, in the model it was trained on."""
+    latent: list[str]
+    """Latent to intervene with, as ID or ID=VALUE (VALUE default 1, multiplied by --scale); repeatable."""
+    prompt: str
+    """Text to continue (the model's BOS is put in front, as in training)."""
+    mode: Literal["steer", "clamp", "ablate"] = "steer"
+    """steer: add VALUE x scale x the latent's decoder row; clamp: set the latent to VALUE x scale; ablate:
+    set it to 0. The SAE's error term is kept, so only these latents change the model."""
+    scale: float = 1.0
+    """Multiplies every latent's VALUE (steering strength, or the clamp value)."""
+    tokens: int = Field(20, gt=0)
+    """Tokens to generate, with and without the intervention."""
+    seed: int = 0
+    """Sampling seed: both generations use it, so they differ only by the intervention."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; 0 is greedy."""
+    model: str | None = None
+    """Model to run; default: the SAE's model_name (it must have the weights the SAE was trained on)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, or cuda:N."""
+    out: str | None = None
+    """Also write the prompt, settings and both continuations to this JSON file."""
+
+    @field_validator("latent")
+    @classmethod
+    def _latents(cls, v: list[str]) -> list[str]:
+        parse_latents(v)
+        return v
+
+    def latents(self) -> dict[int, float]:
+        """Latent id -> VALUE x scale, in the order given."""
+        return {i: value * self.scale for i, value in parse_latents(self.latent).items()}
+
+
+def parse_latents(specs: list[str]) -> dict[int, float]:
+    """`["12", "7=2.5"]` -> {12: 1.0, 7: 2.5}; refuses malformed, negative and repeated ids."""
+    out: dict[int, float] = {}
+    for spec in specs:
+        ident, _, value = spec.partition("=")
+        try:
+            latent = int(ident)
+            amount = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(f"{spec!r} is not ID or ID=VALUE (e.g. 12 or 12=4.5)") from None
+        if latent < 0:
+            raise ValueError(f"{spec!r}: latent ids start at 0")
+        if latent in out:
+            raise ValueError(f"latent {latent} is given twice")
+        out[latent] = amount
+    if not out:
+        raise ValueError("give at least one latent (--latent ID or ID=VALUE)")
+    return out

@@ -218,3 +218,27 @@ def pack_contexts(
         for i in range(n):
             yield np.concatenate([head, buf[i * body : (i + 1) * body]])
         buf = buf[n * body :]
+
+
+def heldout_contexts(store: Any, tokenizer: Any, n: int, dataset: str | None = None) -> np.ndarray:
+    """[m <= n, context_size] int32 contexts packed like `store`'s (an ActivationStore) but after the ones it
+    holds, so an SAE trained on the store never saw them (`dataset`: another text, packed from its start)."""
+    s = store.settings
+    ds = s["dataset"]
+    if dataset is None:
+        texts = iter_texts(ds["name"], ds["config"], ds["split"], ds["text_column"])
+        skip = store.n_contexts  # packing is deterministic: these are exactly the store's contexts
+    else:
+        texts, skip = iter_texts(dataset, None, "train", "text"), 0
+    packed = pack_contexts(texts, tokenizer, store.context_size, bool(s["prepend_bos"]))
+    rows = list(itertools.islice(packed, skip, skip + n))
+    if not rows:
+        where = (
+            f"--dataset {dataset}"
+            if dataset
+            else f"the store's dataset {ds['name']} after its {skip} contexts"
+        )
+        raise SaepipeError(
+            f"no held-out text: {where} holds less than one context; give --dataset with more text"
+        )
+    return np.stack(rows)

@@ -265,6 +265,8 @@ CASES: list[tuple[str, object, list[str]]] = [
     ("train-missing-hook-flag", lambda w: _train(w, **{"--hook": "DROP"}), ["--hook", "required"]),
     ("train-lr-not-float", lambda w: _train(w, **{"--lr": "fast"}), ["--lr", "fast"]),
     ("train-unknown-wandb-mode", lambda w: _train(w, **{"--wandb": "cloud"}), ["--wandb", "cloud"]),
+    ("train-eval-every-0", lambda w: _train(w, **{"--eval-every": "0"}), ["--eval-every"]),
+    ("train-eval-every-synthetic", lambda w: _train(w, **{"--store": str(w.synth / "store"), "--hook": "synthetic", "--eval-every": "2"}), ["synthetic", "--eval-every"]),
     # --- analyze
     ("analyze-missing-sae", lambda w: _analyze(w, **{"--sae": "{new}/nosae"}), ["no such directory"]),
     ("analyze-sae-is-store", lambda w: _analyze(w, **{"--sae": str(w.store)}), ["not an SAE dir"]),

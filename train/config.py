@@ -106,6 +106,11 @@ class TrainConfig(StageConfig):
     """Run the encoder matmul under autocast in this dtype (weights and optimizer stay float32)."""
     log_every: int = Field(100, gt=0)
     """Steps between log lines (console and W&B)."""
+    eval_every: int | None = Field(None, gt=0)
+    """Every this many steps (and at the end), splice each SAE into the store's model on --eval-contexts
+    held-out contexts and log loss recovered and KL (console and W&B); off by default (it loads the model)."""
+    eval_contexts: int = Field(8, gt=0)
+    """Held-out contexts (those after the first store's) each --eval-every evaluation runs on."""
     checkpoint_every: int = Field(1000, gt=0)
     """Steps between checkpoints (model, optimizer, RNG and stream position in <out>/checkpoint)."""
     resume: bool = True

@@ -97,7 +97,10 @@ class Reporter:
                 config=config,
             )
 
-    def log(self, step: int, total: int, tokens: int, per_sae: dict[str, dict]) -> None:
+    def log(
+        self, step: int, total: int, tokens: int, per_sae: dict[str, dict], extra: dict | None = None
+    ) -> None:
+        """`extra`: W&B-only values already named (train/monitor.py: learning rate, coefficients)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -115,7 +118,12 @@ class Reporter:
                         )
                     else:
                         flat[f"{name}/{k}"] = v
-            self.run.log(flat, step=step)
+            self.run.log({**flat, **(extra or {})}, step=step)
+
+    def log_extra(self, step: int, values: dict[str, Any]) -> None:
+        """Log already-named values to W&B at `step` (train/monitor.py's evaluations)."""
+        if self.enabled and self.run is not None:
+            self.run.log(values, step=step)
 
     def finish(self) -> None:
         if self.run is not None:

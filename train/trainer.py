@@ -31,12 +31,14 @@ from saepipe.train import checkpoint, distributed
 from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
+from saepipe.train.monitor import Monitor, details
 from saepipe.train.sae_dir import save_sae
 from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 from saepipe.train.step import make_optimizer, sae_step
 
 # Settings that may change between a run and its resumption without changing the result.
 FREE_TO_CHANGE = {"log_every", "checkpoint_every", "wandb", "wandb_project", "device", "resume"}
+FREE_TO_CHANGE |= {"eval_every", "eval_contexts"}  # what train/monitor.py logs, not what is trained
 
 
 @dataclass
@@ -159,6 +161,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed, info.rank, info.world_size,
         cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow,
     )  # fmt: skip
+    monitor = Monitor(cfg, loader.stores[0], info.device, info.is_main)  # spliced evals (train/monitor.py)
     global_batch = cfg.batch_size * info.world_size
     totals = {s.name: max(1, s.tokens // global_batch) for s in specs}  # steps of each SAE
     total = max(totals.values())
@@ -206,8 +209,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             done = step + 1
             if done % cfg.log_every == 0 or done == total or done in totals.values():
                 per_sae = {name: m.summary(saes[name]) for name, m in metrics.items() if m.steps}
-                reporter.log(done, total, done * global_batch, per_sae)
+                schedule = lr_at(step, total, cfg), sparsity_at(step, total, cfg)  # of the longest budget
+                reporter.log(done, total, done * global_batch, per_sae, extra=details(*schedule, saes))
                 metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
+            if monitor.due(done, total):
+                reporter.log_extra(done, monitor.evaluate(done, saes, loader.scale))
             if done % cfg.checkpoint_every == 0 and done < total:
                 _check_finite(saes, done, out)  # never replace a good checkpoint with a diverged one
                 with _disk_full_is_an_error(out, f"the checkpoint of step {done:,}"):

@@ -145,10 +145,6 @@ class SAE(nn.Module):
         """k for training selection: the annealed value while the trainer sets one, else k."""
         return self.train_k or self.k
 
-    def cfg_fields(self) -> dict[str, Any]:
-        """Architecture-specific cfg.json fields."""
-        return {"k": self.k} if self.uses_k else {}
-
     # ---- shared training machinery ----
     def decode_code(self, code: SparseCode, with_bias: bool = True) -> torch.Tensor:
         out = sparse_decode(code.rows, code.latents, code.values, self.W_dec, code.n_tokens)
