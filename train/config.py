@@ -57,6 +57,10 @@ class TrainConfig(StageConfig):
     """Fraction of steps over which the learning rate rises linearly from 0."""
     lr_decay: float = Field(0.2, ge=0, le=1)
     """Fraction of steps at the end over which the learning rate falls linearly to 0."""
+    decoder_ortho: float = Field(0.0, ge=0)
+    """Weight of a penalty on the squared cosines between decoder rows, relative to the input variance (0:
+    off). A child feature that always comes with its parent is reconstructed equally well by latents along
+    child + a bit of parent; this prior picks the pure directions (SynthSAEBench's hierarchy)."""
     k_anneal: float = Field(0.0, ge=0, le=1)
     """topk, batchtopk, matryoshka: fraction of steps over which the training k falls linearly from
     k_anneal_start x k to k (0: no annealing); a generous k early keeps latents from merging features."""

@@ -117,6 +117,7 @@ def build_saes(cfg: TrainConfig, d_in: int, input_rms: float = 1.0) -> dict[str,
             first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=hparams)
         sae = copy.deepcopy(first[key])
         sae.dead_window = cfg.resolved_dead_window(spec.tokens)
+        sae.decoder_ortho = cfg.decoder_ortho
         saes[spec.name] = sae
     return saes
 

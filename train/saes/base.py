@@ -81,6 +81,8 @@ class SAE(nn.Module):
     """Settings the trainer is given in units of the input's RMS per dimension (converted when built)."""
     dead_window: int = 1_000_000
     """Tokens without firing after which a latent counts as dead (set by the trainer; AuxK uses it)."""
+    decoder_ortho: float = 0.0
+    """Weight of the decoder-orthogonality penalty (set by the trainer; 0: off)."""
 
     def __init__(self, d_in: int, d_sae: int, k: int | None = None, hparams: dict[str, Any] | None = None):
         super().__init__()
@@ -101,6 +103,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         # Tokens since each latent last fired: the dead-latent window (checkpointed, not in the SAE dir).
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+        # Which block of decoder rows the orthogonality penalty takes next (checkpointed, not in the SAE dir).
+        self.register_buffer("ortho_block", torch.zeros((), dtype=torch.int64))
 
     # ---- inference (the SAE dir contract) ----
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_sae]
@@ -166,6 +170,8 @@ class SAE(nn.Module):
         recon, terms = self.reconstruction_losses(x, code)
         ctx = StepContext(x, x_c, pre, code, pre_values, recon, sparsity_scale)
         terms.update(self.extra_losses(ctx))
+        if self.decoder_ortho > 0:
+            terms["ortho"] = self.decoder_ortho * ortho_penalty(self, x)
         loss = torch.stack(list(terms.values())).sum()
         fired = code.latents[code.values.detach() > 0]
         return TrainOutput(
@@ -200,6 +206,31 @@ class SAE(nn.Module):
     def after_optimizer_step(self) -> None:
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+ORTHO_BLOCK = 256
+"""Decoder rows the orthogonality penalty compares with all others per step (a rotating block)."""
+
+
+def ortho_penalty(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between a block of decoder rows and every other row, times the batch's input
+    variance (so its weight is relative to the reconstruction loss, like AuxK's).
+
+    Why: a child feature that always comes with its parent is reconstructed equally well by a latent along
+    child + a * parent for a range of a (its parent latent makes up the difference), so reconstruction and
+    sparsity cannot pick a = 0; directions in superposition are nearly orthogonal, and this prior picks the
+    pure child. Blocks rotate over the rows, so every pair is penalised every d_sae / 256 steps."""
+    W = sae.W_dec
+    n_blocks = -(-sae.d_sae // ORTHO_BLOCK)
+    start = int(sae.ortho_block) % n_blocks * ORTHO_BLOCK
+    rows = torch.arange(start, min(start + ORTHO_BLOCK, sae.d_sae), device=W.device)
+    unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = unit[rows] @ unit.T  # [block, d_sae]
+    cos = cos.masked_fill(rows[:, None] == torch.arange(sae.d_sae, device=W.device)[None, :], 0.0)
+    with torch.no_grad():
+        sae.ortho_block += 1
+    variance = (x - x.mean(0)).pow(2).sum(-1).mean().detach()
+    return variance * cos.pow(2).sum() / (len(rows) * max(sae.d_sae - 1, 1))
 
 
 @dataclass
