@@ -156,7 +156,7 @@ def test_decoder_ortho_penalty_equals_brute_force_and_rotates_over_rows():
     variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
     for block, (lo, hi) in enumerate([(0, 256), (256, 512), (512, 522), (0, 256)]):
         assert int(sae.ortho_block) == block
-        got = float(ortho_penalty(sae, x))
+        got = float(ortho_penalty(sae, x).detach())
         want = variance * float(cos2[lo:hi].sum()) / ((hi - lo) * (sae.d_sae - 1))
         assert got == pytest.approx(want, rel=1e-5)
 
