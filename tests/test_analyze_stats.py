@@ -175,7 +175,7 @@ def test_fast_stats_equal_simple_reference_bit_for_bit(tiny_store, encoder, monk
 def test_slotted_topk_equals_running_topk_with_ties():
     """Many updates of quantised keys (ties everywhere): same kept entries, same order, same windows."""
     from saepipe.analyze.stats import RunningTopK, ranked_context_set
-    from saepipe.analyze.stats_fast import SlottedTopK
+    from saepipe.analyze.stats_fast import DenseCodes, SlottedTopK
 
     g = torch.Generator().manual_seed(1)
     L, k, C, T = 45, 6, 3, 24  # L not a multiple of the block size; windows cross context edges
@@ -202,7 +202,10 @@ def test_slotted_topk_equals_running_topk_with_ties():
         enter = keys > thr
         n_before = int((ref.contexts >= 0).sum())
         ref.update(rows[enter], lat[enter], keys[enter], z, tokens, 10 * step)
-        fast.update(rows[enter], lat[enter], keys[enter], z, tokens, 10 * step)
+        vals = z.view(-1, L)[rows, lat]
+        fast.update(
+            rows[enter], lat[enter], keys[enter], vals[enter], DenseCodes(z.view(-1, L), P), tokens, 10 * step
+        )
         n_new = int((ref.contexts >= 10 * step).sum())
         evicted += n_before + n_new - int((ref.contexts >= 0).sum())
         r, f = ref.ranked(), fast.ranked()
@@ -237,3 +240,53 @@ def test_active_entries_equal_nonzero(L):
         got, want = active_entries(m), torch.nonzero(m > 0, as_tuple=True)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), name
     assert len(want[0]) == 0 and len(active_entries(nan)[0]) > L  # the last case is empty, the others not
+
+
+def sparse_encode_with(W: torch.Tensor, b: torch.Tensor):
+    """The same relu encoder returning a SparseCode, as `SAE.encode_sparse` does."""
+    from saepipe.train.saes import SparseCode
+
+    def enc(x):
+        z = encode_with(W, b, torch.float32)(x)
+        rows, lat = torch.nonzero(z > 0, as_tuple=True)
+        return SparseCode(rows, lat, z[rows, lat], len(x))
+
+    return enc
+
+
+def test_sparse_codes_give_the_dense_reference_results(tiny_store, encoder):
+    """Fast path fed sparse codes == simple reference fed dense codes: every field, reservoir and pool."""
+    store = open_store(str(tiny_store))
+    W, b = encoder
+    kw = dict(batch_tokens=70, seed=3, progress=False, reservoir=3 * SAMPLES, pool_contexts=10)
+    common = (store, HOOK)
+    rest = (N_LATENTS, K, SAMPLES, torch.device("cpu"))
+    fast = collect_stats(*common, sparse_encode_with(W, b), *rest, simple=False, **kw)
+    simple = collect_stats(*common, encode_with(W, b, torch.float32), *rest, simple=True, **kw)
+    dense_fast = collect_stats(*common, encode_with(W, b, torch.float32), *rest, simple=False, **kw)
+    for name in ("n_active", "act_sum", "act_max", "histogram"):
+        assert_identical(getattr(fast, name), getattr(simple, name), name)
+    for part in ("top", "samples", "reservoir"):
+        for field in ("values", "contexts", "positions", "window_tokens", "window_acts"):
+            ref = getattr(getattr(simple, part), field)
+            # values equal (a sparse lookup's 0.0 may be a dense code's -0.0), NaN where NaN
+            np.testing.assert_array_equal(getattr(getattr(fast, part), field), ref, f"{part}.{field}")
+            np.testing.assert_array_equal(getattr(getattr(dense_fast, part), field), ref, f"{part}.{field}")
+    for field in ("contexts", "context", "position", "latent", "value"):
+        assert_identical(getattr(fast.pool, field), getattr(simple.pool, field), f"pool.{field}")
+
+    # the dashboard's samples are the first part of the reservoir (the same uniform draw)
+    for lat in range(N_LATENTS):
+        first = set(zip(fast.reservoir.contexts[lat, :SAMPLES], fast.reservoir.positions[lat, :SAMPLES]))
+        shown = set(zip(fast.samples.contexts[lat], fast.samples.positions[lat]))
+        assert first == shown
+    # the pool holds every active entry of its contexts, and nothing else
+    Z = encode_with(W, b, torch.float64)(torch.from_numpy(store.activations(HOOK)[:, 1:]).double()).numpy()
+    pool = fast.pool
+    assert len(pool.contexts) == 10 and (pool.contexts % 2 == 0).sum() == 5  # as many even as odd
+    c, p, lat = np.nonzero(Z[pool.contexts] > 0)
+    want = sorted(zip(pool.contexts[c].tolist(), (p + 1).tolist(), lat.tolist()))
+    got = sorted(zip(pool.context.tolist(), pool.position.tolist(), pool.latent.tolist()))
+    assert got == want and len(got) > 100
+    ref = Z[pool.context, pool.position - 1, pool.latent]
+    np.testing.assert_allclose(pool.value, ref, rtol=1e-4, atol=1e-6 * Z.max())
