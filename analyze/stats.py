@@ -94,6 +94,7 @@ class PoolCodes:
     pair its context, position (in the context, as in ContextSet) and latent, and its value."""
 
     contexts: np.ndarray  # [n_pool] int64
+    tokens: np.ndarray  # [n_pool, context_size] int32, the pool contexts' tokens
     context: np.ndarray  # [nnz] int64
     position: np.ndarray  # [nnz] int64
     latent: np.ndarray  # [nnz] int64
@@ -282,6 +283,7 @@ class StatsAccumulator:
         self.edges = torch.tensor(HIST_EDGES, dtype=torch.float32, **f)
         self.pool = np.zeros(0, dtype=np.int64) if pool is None else np.asarray(pool, dtype=np.int64)
         self.pool_parts: list[tuple[torch.Tensor, ...]] = []
+        self.pool_tokens: list[torch.Tensor] = []
 
     def update(self, z: torch.Tensor | SparseCode, tokens_CT: torch.Tensor, ctx0: int) -> None:
         """Fold in one group: `z` dense [C, P, L] or a SparseCode of its C * P rows; tokens_CT [C, T]."""
@@ -348,6 +350,7 @@ class StatsAccumulator:
             keep = in_pool[rows // P]
             r = rows[keep]
             self.pool_parts.append((ctx0 + r // P, T - P + r % P, lat[keep], vals[keep]))
+            self.pool_tokens.append(tokens_CT[torch.from_numpy(self.pool[lo:hi] - ctx0).to(vals.device)])
 
     def result(self) -> LatentStats:
         if self.simple:
@@ -358,8 +361,12 @@ class StatsAccumulator:
     def _result(self) -> LatentStats:
         parts = [torch.cat(x).cpu().numpy() for x in zip(*self.pool_parts)] if self.pool_parts else None
         empty = np.zeros(0, dtype=np.int64)
+        seen = len(torch.cat(self.pool_tokens)) if self.pool_tokens else 0
         pool = PoolCodes(
-            contexts=self.pool,
+            contexts=self.pool[:seen],  # a run stopped early (max_tokens) saw fewer
+            tokens=torch.cat(self.pool_tokens).cpu().numpy().astype(np.int32)
+            if self.pool_tokens
+            else np.zeros((0, 0), dtype=np.int32),
             context=parts[0] if parts else empty,
             position=parts[1] if parts else empty,
             latent=parts[2] if parts else empty,
