@@ -21,9 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from saepipe.analyze.explain import MAX_PATTERNS, Explanation, explain
-from saepipe.analyze.heldout import Split
+from saepipe.analyze.heldout import Split, is_build
 from saepipe.analyze.scoring import Scores, score_explanation
-from saepipe.analyze.stats import LatentStats
+from saepipe.analyze.stats import WINDOW, ContextSet, LatentStats
 
 
 @dataclass
@@ -72,3 +72,25 @@ def explain_and_score_fast(stats: LatentStats, first: int) -> ExplanationTable:
     split = Split(stats, first)
     explanations = choose_all(build_candidates(split), len(stats.n_active))
     return ExplanationTable(explanations, score_all(split, explanations))
+
+
+def heldout_examples(stats: LatentStats, n: int) -> ContextSet:
+    """[L, n]: the first `n` held-out active windows of each latent (reservoir entries in held-out
+    contexts, in the reservoir's random order); empty slots as in ContextSet."""
+    L = len(stats.n_active)
+    out = ContextSet(
+        np.full((L, n), np.nan, dtype=np.float32),
+        np.full((L, n), -1, dtype=np.int64),
+        np.full((L, n), -1, dtype=np.int64),
+        np.full((L, n, WINDOW), -1, dtype=np.int32),
+        np.full((L, n, WINDOW), np.nan, dtype=np.float32),
+    )
+    res = stats.reservoir
+    if res is None:
+        return out
+    sel = (res.contexts >= 0) & ~is_build(res.contexts)
+    slot = np.cumsum(sel, 1) - 1
+    lat, j = np.nonzero(sel & (slot < n))
+    for name in ("values", "contexts", "positions", "window_tokens", "window_acts"):
+        getattr(out, name)[lat, slot[lat, j]] = getattr(res, name)[lat, j]
+    return out
