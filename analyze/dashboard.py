@@ -31,8 +31,9 @@ from saepipe.analyze.heldout import SCORED_SLOTS
 from saepipe.analyze.ranking import RANKING_KEYS
 from saepipe.analyze.report import Report
 
-LM_SCORES = ["lm_score", "lm_detection_auroc", "lm_fuzzing_auroc"]
-"""The language-model explainer's score columns (saepipe.analyze.lm_explainer), when present."""
+LM_SCORES = ["lm_score", "lm_detection_auroc", "lm_detection_balanced_accuracy", "lm_fuzzing_auroc",
+             "lm_fuzzing_balanced_accuracy"]  # fmt: skip
+"""The language-model explainer's score columns (saepipe.analyze.lm_explainer.LM_COLUMNS), when present."""
 
 SHARD_SIZE = 128
 PROMOTED_IN_LIST = 3

@@ -18,7 +18,8 @@ Layout of REPORT_DIR (open formats only):
                             [L, samples] (smallest value first) and heldout_* [L, HELDOUT_SHOWN] (held-out
                             active windows, as scored); each set's activations on every window token
                             stored sparsely: <set>_acts_index (int64 flat index into [L, n, W] of every
-                            slot that is not exactly 0, NaN included) and <set>_acts_value (float32);
+                            slot inside a context whose value is not exactly 0, NaN included) and
+                            <set>_acts_value (float32); slots outside a context (token -1) are NaN;
                             explanation_keys/predicted/share/precision [L, MAX_PATTERNS] (the n-grams of
                             saepipe.analyze.explain, key 0: none); histogram [L, bins], hist_edges
                             [bins + 1] (log10 activation), logit_top_ids/values and
@@ -192,7 +193,8 @@ def _mode(x: np.ndarray) -> int:
 def _context_arrays(prefix: str, cs: ContextSet) -> dict[str, np.ndarray]:
     """A context set with its window activations stored sparsely (most window tokens are exactly 0)."""
     acts = cs.window_acts.astype(np.float32).ravel()
-    index = np.flatnonzero(acts != 0)  # NaN != 0, so slots without a value are kept too
+    # slots outside a context (token -1) have no value (NaN) by definition; the others are kept unless 0
+    index = np.flatnonzero((acts != 0) & (cs.window_tokens.ravel() >= 0))
     return {
         f"{prefix}_values": cs.values.astype(np.float32),
         f"{prefix}_contexts": cs.contexts.astype(np.int64),
@@ -255,8 +257,9 @@ class Report:
     def window_acts(self, prefix: str) -> np.ndarray:
         """[L, n, W] float32 activations of a context set's windows, rebuilt from the sparse arrays."""
         if prefix not in self._acts:
-            shape = self.arrays[f"{prefix}_window_tokens"].shape
-            acts = np.zeros(int(np.prod(shape)), dtype=np.float32)
+            tokens = self.arrays[f"{prefix}_window_tokens"]
+            shape = tokens.shape
+            acts = np.where(tokens.ravel() >= 0, np.float32(0), np.float32(np.nan))
             acts[self.arrays[f"{prefix}_acts_index"]] = self.arrays[f"{prefix}_acts_value"]
             self._acts[prefix] = acts.reshape(shape)
         return self._acts[prefix]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from saepipe.analyze.ranking import RANKING_KEYS, rank, token_concentration
+from saepipe.analyze.ranking import RANKING_KEYS, rank, scores, token_concentration
 from saepipe.analyze.stats import HIST_EDGES, WINDOW_AFTER, WINDOW_BEFORE, collect_stats
 from saepipe.harvest import open_store
 
@@ -134,11 +134,14 @@ def test_token_concentration_and_ranking(tiny_store, encoder):
     p = v / v.sum()
     assert score[11] == pytest.approx(np.exp((p * np.log(p)).sum()))
     assert score[:3].tolist() == [0, 0, 0]  # dead
+    expl = np.random.default_rng(0).random(N_LATENTS)
+    expl[20] = np.nan  # unscored: left out of that ranking only
     for key in RANKING_KEYS:
-        order = rank(stats, key, dense_threshold=0.4)
+        order = rank(stats, key, dense_threshold=0.4, explanation=expl)
         assert not {0, 1, 2, 3} & set(order.tolist())  # dead and ultra-dense are left out
-        s = RANKING_KEYS[key](stats)[order]
-        assert (np.diff(s) <= 0).all()
+        s = scores(stats, expl)[key][order]
+        assert (np.diff(s) <= 0).all() and np.isfinite(s).all()
+        assert (20 in order) == (key != "explanation")
 
 
 # The fast paths (saepipe.analyze.stats_fast) must give exactly the simple references' results.
