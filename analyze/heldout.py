@@ -65,12 +65,18 @@ def _windows(cs: ContextSet, latent: int, keep) -> Windows:
     )
 
 
+def _cat(a: Windows, b: Windows) -> Windows:
+    return Windows(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in Windows.__dataclass_fields__))
+
+
 @dataclass
 class Material:
     """One latent's build and held-out material (see the module docstring)."""
 
+    examples: Windows
+    """Top-k then reservoir windows in even contexts: what a language-model explainer reads."""
     build: Windows
-    """Top-k then reservoir windows in even contexts (what the explainers read)."""
+    """The same without those in pool contexts (the pool counts its contexts whole)."""
     active_keys: np.ndarray  # [A, 3] n-gram keys of every active build position (windows and pool)
     active_acts: np.ndarray  # [A]
     window_keys: np.ndarray  # [B] sorted keys (all three lengths) of scored build-window positions
@@ -125,13 +131,10 @@ class Split:
 
     def material(self, latent: int) -> Material:
         s = self.stats
-        in_pool = set(self.build_contexts.tolist())
         # build windows: even contexts not in the pool (the pool covers its own contexts whole)
-        keep = lambda c: is_build(c) & ~np.isin(c, list(in_pool))  # noqa: E731
-        top, res = _windows(s.top, latent, keep), _windows(s.reservoir, latent, keep)
-        build = Windows(
-            *(np.concatenate([getattr(top, f), getattr(res, f)]) for f in Windows.__dataclass_fields__)
-        )
+        keep = lambda c: is_build(c) & ~np.isin(c, self.build_contexts)  # noqa: E731
+        build = _cat(_windows(s.top, latent, keep), _windows(s.reservoir, latent, keep))
+        examples = _cat(_windows(s.top, latent, is_build), _windows(s.reservoir, latent, is_build))
         # scored build-window positions, each (context, position) once
         ok = build.scored
         n, w = np.nonzero(ok)
@@ -157,7 +160,9 @@ class Split:
         piece, slot = np.divmod(pos[h] - self.first, WINDOW)
         inside = piece < self.per_context
         pool_acts[rank[inside] * self.per_context + piece[inside], slot[inside]] = val[h][inside]
-        return Material(build, active_keys, active_acts, window_keys_u, window_counts, positives, pool_acts)
+        return Material(
+            examples, build, active_keys, active_acts, window_keys_u, window_counts, positives, pool_acts
+        )
 
     def match_count(self, mat: Material, keys: np.ndarray) -> np.ndarray:
         """How many build positions (pool and windows, active or not) each n-gram key matches."""

@@ -248,8 +248,8 @@ def explain_with_lm(
 
     n = cfg.explainer_examples
     mats = {int(i): split.material(int(i)) for i in latents}
-    latents = [i for i in mats if len(mats[i].build.tokens)]
-    answers = client.generate([client.chat(explain_prompt(mats[i].build, n, decode)) for i in latents])
+    latents = [i for i in mats if len(mats[i].examples.tokens)]
+    answers = client.generate([client.chat(explain_prompt(mats[i].examples, n, decode)) for i in latents])
     texts = {i: parse_explanation(a) for i, a in zip(latents, answers)}
 
     neg_all = split.pool_windows
