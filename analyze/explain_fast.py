@@ -12,6 +12,8 @@ Layout: rows are grouped by latent; a (latent, n-gram) pair is made one int64 by
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from saepipe.analyze.explain import (
@@ -21,7 +23,6 @@ from saepipe.analyze.explain import (
     decode_key,
     f_score,
     ngram_key,
-    window_keys,
 )
 from saepipe.analyze.heldout import SCORED_SLOTS, Split, is_build
 from saepipe.analyze.scoring import Scores
@@ -63,27 +64,33 @@ def slot_keys(tokens_NW: np.ndarray, n: np.ndarray, w: np.ndarray) -> np.ndarray
 
 
 def segment_auroc(
-    lat_pos: np.ndarray, v_pos: np.ndarray, lat_neg: np.ndarray, v_neg: np.ndarray, w_neg: np.ndarray, L: int
+    lat_pos: np.ndarray,
+    v_pos: np.ndarray,
+    w_pos: np.ndarray,
+    lat_neg: np.ndarray,
+    v_neg: np.ndarray,
+    w_neg: np.ndarray,
+    L: int,
 ) -> np.ndarray:
-    """Per latent AUROC of positives against weighted negatives (ties one half); NaN without either."""
+    """Per latent AUROC of weighted positives against weighted negatives (ties one half; a weight is a
+    count of equal entries, so a block of zero predictions is one entry); NaN without either class."""
     lat = np.concatenate([lat_pos, lat_neg])
     val = np.concatenate([v_pos, v_neg]).astype(np.float64)
-    is_pos = np.concatenate([np.ones(len(lat_pos), bool), np.zeros(len(lat_neg), bool)])
-    w = np.concatenate([np.ones(len(lat_pos)), w_neg.astype(np.float64)])
+    wp = np.concatenate([w_pos.astype(np.float64), np.zeros(len(lat_neg))])
+    wn = np.concatenate([np.zeros(len(lat_pos)), w_neg.astype(np.float64)])
     order = np.lexsort((val, lat))
-    lat, val, is_pos, w = lat[order], val[order], is_pos[order], w[order]
-    wn = np.where(is_pos, 0.0, w)
+    lat, val, wp, wn = lat[order], val[order], wp[order], wn[order]
     # groups of equal (latent, value): negatives below the group (within the latent) and inside it
     new = np.ones(len(lat), bool)
     new[1:] = (lat[1:] != lat[:-1]) | (val[1:] != val[:-1])
     gid = np.cumsum(new) - 1
-    g_neg = np.bincount(gid, weights=wn)
+    g_neg, g_pos = np.bincount(gid, weights=wn), np.bincount(gid, weights=wp)
     g_lat = lat[new]
     cum = np.cumsum(g_neg) - g_neg  # negatives before each group, over all latents
     lat_start = np.searchsorted(g_lat, np.arange(L))
     before = cum - np.concatenate([cum, [0.0]])[lat_start][g_lat]
-    u = np.bincount(lat[is_pos], weights=(before + g_neg / 2)[gid[is_pos]], minlength=L)
-    n_pos = np.bincount(lat_pos, minlength=L).astype(np.float64)
+    u = np.bincount(g_lat, weights=g_pos * (before + g_neg / 2), minlength=L)
+    n_pos = np.bincount(lat_pos, weights=w_pos, minlength=L)
     n_neg = np.bincount(lat_neg, weights=w_neg, minlength=L)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
@@ -168,65 +175,92 @@ def build_candidates(split: Split) -> dict[str, np.ndarray]:
 
 
 def choose_all(c: dict[str, np.ndarray], L: int) -> list[Explanation]:
-    """The greedy cover of explain.choose for every latent at once, step by step."""
-    lat, key, n_act, mass, n_match, total = (
-        c[k] for k in ("lat", "key", "n_act", "mass", "n_match", "total")
-    )
+    """The greedy cover of explain.choose for every latent at once, step by step.
+
+    The tie-break of explain.choose (fewer context tokens, then more mass, then the smaller key) does not
+    depend on the step, so candidates are put in that order once; each step then takes, per latent, the
+    first candidate with the largest F: two segment reductions instead of a sort.
+    """
+    perm = np.lexsort((c["key"], -c["mass"], decode_key(c["key"])[0], c["lat"]))
+    lat, key, n_act, mass, n_match = (c[k][perm] for k in ("lat", "key", "n_act", "mass", "n_match"))
+    total = c["total"]
     m, a, b, cc = decode_key(key)
     counts = np.stack([n_act, mass, n_match], 1)
     N = len(key)
+    starts = np.flatnonzero(np.r_[True, lat[1:] != lat[:-1]]) if N else np.zeros(0, np.int64)
+    seg = np.cumsum(np.r_[True, lat[1:] != lat[:-1]]) - 1 if N else np.zeros(0, np.int64)
+    seg_lat = lat[starts]
+    lt_all = _lat_tok(lat, a)
     chosen = np.full((L, MAX_PATTERNS), -1, dtype=np.int64)  # candidate indices, -1 empty
     cur = np.zeros((L, 3))
     best_f = np.zeros(L)
     live = np.ones(L, bool)
-    tie = np.arange(N)
     for _ in range(MAX_PATTERNS):
-        rows = np.flatnonzero(live[lat])
+        rows = np.flatnonzero(live[lat])  # candidates of latents still growing (segments stay contiguous)
         if len(rows) == 0:
             break
-        ch = chosen[lat[rows]]  # [R, P]
-        valid = ch >= 0
-        chc = np.where(valid, ch, 0)
-        sa, sb, sc = (x[rows][:, None] == x[chc] for x in (a, b, cc))
-        mr, mc = m[rows][:, None], m[chc]
-        # candidate is a suffix of a chosen one / a chosen one is a suffix of the candidate
+        rl = lat[rows]
+        new = cur[rl] + counts[rows]
+        implied = np.zeros(len(rows), bool)
+        # only a candidate ending in the same token as a chosen n-gram can replace or be implied by it
+        ch_l, ch_p = np.nonzero(chosen >= 0)
+        near = np.flatnonzero(
+            _lookup(np.unique(lt_all[chosen[ch_l, ch_p]]), np.ones(len(ch_l)), lt_all[rows])
+        )
+        if len(near):
+            r = rows[near]
+            chc = chosen[lat[r]]  # [n, P]
+            valid = chc >= 0
+            chc = np.where(valid, chc, 0)
+            sa, sb, sc = (x[r][:, None] == x[chc] for x in (a, b, cc))
+            mr, mc = m[r][:, None], m[chc]
+            # candidate is a suffix of a chosen one / a chosen one is a suffix of the candidate
+            sub = valid & (mr <= mc) & sa & ((mr < 1) | sb) & ((mr < 2) | sc)
+            imp = valid & (mc <= mr) & sa & ((mc < 1) | sb) & ((mc < 2) | sc)
+            new[near] -= np.einsum("rp,rpk->rk", sub.astype(np.float64), counts[chc])
+            implied[near] = imp.any(1)
+        f = f_score(new[:, 0], new[:, 1], new[:, 2], total[rl])
+        f[implied] = -1.0
+        first = np.r_[True, rl[1:] != rl[:-1]]
+        starts, seg = np.flatnonzero(first), np.cumsum(first) - 1
+        top = np.maximum.reduceat(f, starts)
+        best = np.minimum.reduceat(np.where(f == top[seg], np.arange(len(rows)), len(rows)), starts)
+        seg_lat = rl[starts]  # first in tie order of each latent's best, above
+        grow = top > best_f[seg_lat] + 1e-12
+        live[seg_lat[~grow]] = False
+        best, bl = best[grow], seg_lat[grow]
+        cand = rows[best]
+        chc = chosen[bl]
+        valid = chc >= 0
+        c0 = np.where(valid, chc, 0)
+        mr, mc = m[cand][:, None], m[c0]
+        sa, sb, sc = (x[cand][:, None] == x[c0] for x in (a, b, cc))
         sub = valid & (mr <= mc) & sa & ((mr < 1) | sb) & ((mr < 2) | sc)
-        imp = valid & (mc <= mr) & sa & ((mc < 1) | sb) & ((mc < 2) | sc)
-        new = cur[lat[rows]] - np.einsum("rp,rpk->rk", sub.astype(np.float64), counts[chc]) + counts[rows]
-        f = f_score(new[:, 0], new[:, 1], new[:, 2], total[lat[rows]])
-        f[imp.any(1)] = -1.0
-        order = np.lexsort((tie[rows], -mass[rows], m[rows], -f, lat[rows]))
-        first = np.ones(len(order), bool)
-        first[1:] = lat[rows][order][1:] != lat[rows][order][:-1]
-        best = order[first]  # index into rows of each live latent's best candidate
-        bl = lat[rows][best]
-        grow = f[best] > best_f[bl] + 1e-12
-        live[bl[~grow]] = False
-        best, bl = best[grow], bl[grow]
-        keep = ~sub[best] & valid[best]
-        packed = np.full((len(best), MAX_PATTERNS), -1, dtype=np.int64)
+        keep = valid & ~sub  # chosen n-grams the new one does not replace
+        packed = np.full((len(bl), MAX_PATTERNS), -1, dtype=np.int64)
         k = np.cumsum(keep, 1) - 1
         rr, pp = np.nonzero(keep)
-        packed[rr, k[rr, pp]] = chosen[bl][rr, pp]
-        packed[np.arange(len(best)), keep.sum(1)] = rows[best]
+        packed[rr, k[rr, pp]] = chc[rr, pp]
+        packed[np.arange(len(bl)), keep.sum(1)] = cand
         chosen[bl] = packed
         cur[bl], best_f[bl] = new[best], f[best]
         live &= (chosen >= 0).sum(1) < MAX_PATTERNS
-    out = []
-    for i in range(L):
-        ci = np.sort(chosen[i][chosen[i] >= 0])  # candidates are sorted by key within a latent
-        if len(ci) == 0:
-            out.append(Explanation.empty())
-            continue
-        out.append(
-            Explanation(
-                keys=key[ci],
-                predicted=mass[ci] / n_match[ci],
-                share=mass[ci] / total[i],
-                precision=n_act[ci] / n_match[ci],
-            )
-        )
-    return out
+    # each latent's n-grams sorted by key
+    ck = np.where(chosen >= 0, key[chosen.clip(0)], np.iinfo(np.int64).max)
+    chosen = np.take_along_axis(chosen, np.argsort(ck, 1), 1)
+    sizes = (chosen >= 0).sum(1)
+    flat = chosen[chosen >= 0]
+    k_, p_, s_, r_ = (
+        key[flat],
+        mass[flat] / n_match[flat],
+        mass[flat] / total[np.repeat(np.arange(L), sizes)],
+        n_act[flat] / n_match[flat],
+    )
+    bounds = np.r_[0, np.cumsum(sizes)]
+    return [
+        Explanation(k_[x:y], p_[x:y], s_[x:y], r_[x:y]) if y > x else Explanation.empty()
+        for x, y in itertools.pairwise(bounds)
+    ]
 
 
 def score_all(split: Split, explanations: list[Explanation]) -> dict[str, np.ndarray]:
@@ -241,21 +275,30 @@ def score_all(split: Split, explanations: list[Explanation]) -> dict[str, np.nda
     order = np.argsort(e_pair)
     table, table_pred = e_pair[order], e_pred[order]
 
-    # held-out positives: reservoir windows in odd contexts
+    # held-out positives: reservoir windows in odd contexts. Predictions are sparse: only slots whose
+    # token ends one of the latent's n-grams can match, so only those get keys and a lookup.
     plat, ptok, pacts, _, _ = _flat_windows(s.reservoir, lambda c: ~is_build(c))
     pok = (ptok >= 0) & np.isfinite(pacts)
     pok[:, : SCORED_SLOTS.start] = False
-    pk = window_keys(ptok)
-    pq, _ = _pair(np.broadcast_to(plat[:, None, None], pk.shape), pk, universe)
-    ppred = _lookup(table, table_pred, pq).max(-1)  # [n, W]; at most one n-gram matches per latent
-    win_pos = np.where(pok, ppred, 0).max(1)
+    e_last = decode_key(e_key)[1]
+    ends = np.zeros(max(int(ptok.max(initial=0)), int(e_last.max(initial=0))) + 2, bool)
+    ends[e_last] = True
+    n, w = np.nonzero(pok & ends[ptok.clip(0)])
+    near = np.isin(_lat_tok(plat[n], ptok[n, w]), _lat_tok(e_lat, e_last))
+    n, w = n[near], w[near]
+    pq, _ = _pair(np.repeat(plat[n], 3), slot_keys(ptok, n, w).ravel(), universe)
+    m_pred = _lookup(table, table_pred, pq).reshape(-1, 3).max(1)  # at most one n-gram matches
+    hit = m_pred > 0
+    m_n, m_w, m_pred = n[hit], w[hit], m_pred[hit]
+    win_pos = np.zeros(len(plat))
+    np.maximum.at(win_pos, m_n, m_pred)
 
     # held-out pool windows: where each explanation matches, and where each latent is active
     n_win = len(split.pool_windows.tokens)
     wok = split.pool_windows.scored
-    slot_keys = split.pool_window_keys[wok]  # [S, 3]
+    pool_keys = split.pool_window_keys[wok]  # [S, 3]
     slot_flat = np.flatnonzero(wok.ravel())  # flat (window * W + slot) of each scored slot
-    sk = slot_keys.ravel()
+    sk = pool_keys.ravel()
     sk_order = np.argsort(sk, kind="stable")
     sk_sorted = sk[sk_order]
     lo, hi = np.searchsorted(sk_sorted, e_key), np.searchsorted(sk_sorted, e_key, side="right")
@@ -285,44 +328,46 @@ def score_all(split: Split, explanations: list[Explanation]) -> dict[str, np.nda
     lat_neg = np.concatenate([nz_lat, np.arange(L)])
     v_neg = np.concatenate([nz_val, np.zeros(L)])
     w_neg = np.concatenate([np.ones(len(nz_lat)), n_neg - n_nz])
-    det_auc = segment_auroc(plat, win_pos, lat_neg, v_neg, w_neg, L)
+    det_auc = segment_auroc(plat, win_pos, np.ones(len(plat)), lat_neg, v_neg, w_neg, L)
     n_pos = np.bincount(plat, minlength=L).astype(np.float64)
     tp = np.bincount(plat, weights=win_pos > 0, minlength=L)
     det = _binary(tp, n_pos, n_nz.astype(np.float64), n_neg.astype(np.float64))
 
-    # fuzzing: the scored slots of the positive windows
-    f_lat = np.broadcast_to(plat[:, None], pok.shape)[pok]
-    f_pred, f_lab = ppred[pok], pacts[pok] > 0
+    # fuzzing: the scored slots of the positive windows (unmatched slots enter as one zero block per class)
+    n_act_slots = np.bincount(plat, weights=(pok & (np.nan_to_num(pacts) > 0)).sum(1), minlength=L)
+    n_all_slots = np.bincount(plat, weights=pok.sum(1), minlength=L)
+    m_lat, m_act = plat[m_n], pacts[m_n, m_w]
+    m_lab = m_act > 0
+    f_tp = np.bincount(m_lat[m_lab], minlength=L).astype(np.float64)
+    f_fp = np.bincount(m_lat[~m_lab], minlength=L).astype(np.float64)
+    n_inact_slots = n_all_slots - n_act_slots
+    ar = np.arange(L)
     fuzz_auc = segment_auroc(
-        f_lat[f_lab], f_pred[f_lab], f_lat[~f_lab], f_pred[~f_lab], np.ones((~f_lab).sum()), L
-    )
-    f_tp = np.bincount(f_lat[f_lab], weights=f_pred[f_lab] > 0, minlength=L)
-    f_fp = np.bincount(f_lat[~f_lab], weights=f_pred[~f_lab] > 0, minlength=L)
-    fuzz = _binary(
-        f_tp,
-        np.bincount(f_lat[f_lab], minlength=L) * 1.0,
-        f_fp,
-        np.bincount(f_lat[~f_lab], minlength=L) * 1.0,
-    )
+        np.concatenate([m_lat[m_lab], ar]), np.concatenate([m_pred[m_lab], np.zeros(L)]),
+        np.concatenate([np.ones(m_lab.sum()), n_act_slots - f_tp]),
+        np.concatenate([m_lat[~m_lab], ar]), np.concatenate([m_pred[~m_lab], np.zeros(L)]),
+        np.concatenate([np.ones((~m_lab).sum()), n_inact_slots - f_fp]), L,
+    )  # fmt: skip
+    fuzz = _binary(f_tp, n_act_slots, f_fp, n_inact_slots)
 
     # simulation: Pearson over positive-window slots and every scored pool slot (sums of both parts)
     n_pool_slots = float(wok.sum())
-    f_act = pacts[pok]
+    f_act = np.where(pok, np.nan_to_num(pacts), 0.0)
     sums = {
-        "n": np.bincount(f_lat, minlength=L) + n_pool_slots,
-        "p": np.bincount(f_lat, weights=f_pred, minlength=L)
+        "n": n_all_slots + n_pool_slots,
+        "p": np.bincount(m_lat, weights=m_pred, minlength=L)
         + np.bincount(o_lat, weights=o_pred, minlength=L),
-        "pp": np.bincount(f_lat, weights=f_pred**2, minlength=L)
+        "pp": np.bincount(m_lat, weights=m_pred**2, minlength=L)
         + np.bincount(o_lat, weights=o_pred**2, minlength=L),
-        "a": np.bincount(f_lat, weights=f_act, minlength=L)
+        "a": np.bincount(plat, weights=f_act.sum(1), minlength=L)
         + np.bincount(a_lat[a_scored], weights=a_val[a_scored], minlength=L),
-        "aa": np.bincount(f_lat, weights=f_act**2, minlength=L)
+        "aa": np.bincount(plat, weights=(f_act**2).sum(1), minlength=L)
         + np.bincount(a_lat[a_scored], weights=a_val[a_scored] ** 2, minlength=L),
     }
     both_o = o_lat * (n_win * WINDOW) + o_flat
     both_a = a_lat * (n_win * WINDOW) + a_flat
     _, io, ia = np.intersect1d(both_o, both_a, return_indices=True)
-    sums["pa"] = np.bincount(f_lat, weights=f_pred * f_act, minlength=L) + np.bincount(
+    sums["pa"] = np.bincount(m_lat, weights=m_pred * m_act, minlength=L) + np.bincount(
         o_lat[io], weights=o_pred[io] * a_val[ia], minlength=L
     )
     n = sums["n"]
