@@ -107,7 +107,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     )
     t_explain = time.perf_counter()
     first = 1 if store.settings["prepend_bos"] else 0
-    table = (explain_and_score if simple else explain_and_score_fast)(stats, first)
+    table = (explain_and_score if simple else explain_and_score_fast)(stats, first, cfg.score_min_active)
     explain_seconds = time.perf_counter() - t_explain
     model = load_model(store.settings["model"]["name"], str(device))
     if model.fingerprint != store.settings["model"]["fingerprint"]:

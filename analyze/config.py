@@ -30,6 +30,9 @@ class AnalyzeConfig(StageConfig):
     """Contexts spread over the store whose whole codes are kept: the even half tells the explainer how
     often each n-gram occurs without the latent, the odd half gives held-out windows where it is inactive
     (detection negatives)."""
+    score_min_active: int = Field(4, ge=1)
+    """Latents with fewer held-out active windows get no explanation score (too few to tell explanations
+    apart) and are left out of the explanation ranking; their other scores are still reported."""
     rank_by: str = "explanation"
     """Ranking key of the dashboard's list: explanation (held-out detection, fuzzing and simulation score of
     each latent's explanation), interpretability (token concentration), max_activation, frequency,

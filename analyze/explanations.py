@@ -49,8 +49,17 @@ class ExplanationTable:
         return {"explanation_keys": keys, **{f"explanation_{k}": v for k, v in out.items()}}
 
 
-def explain_and_score(stats: LatentStats, first: int, progress: bool = False) -> ExplanationTable:
-    """Explain and score every latent with activations (the simple reference: one latent at a time)."""
+def _require(scores: dict[str, np.ndarray], min_active: int) -> dict[str, np.ndarray]:
+    """No overall score for latents with fewer than `min_active` held-out active windows."""
+    scores["score"] = np.where(scores["heldout_active"] >= min_active, scores["score"], np.nan)
+    return scores
+
+
+def explain_and_score(
+    stats: LatentStats, first: int, min_active: int = 1, progress: bool = False
+) -> ExplanationTable:
+    """Explain and score every latent with activations (the simple reference: one latent at a time);
+    latents with fewer than `min_active` held-out active windows get no overall score."""
     split = Split(stats, first)
     L = len(stats.n_active)
     explanations = [Explanation.empty()] * L
@@ -62,16 +71,16 @@ def explain_and_score(stats: LatentStats, first: int, progress: bool = False) ->
         )
         rows[i] = score_explanation(explanations[i], mat, split)
     scores = {name: np.array([getattr(r, name) for r in rows], dtype=np.float64) for name in Scores.names()}
-    return ExplanationTable(explanations, scores)
+    return ExplanationTable(explanations, _require(scores, min_active))
 
 
-def explain_and_score_fast(stats: LatentStats, first: int) -> ExplanationTable:
+def explain_and_score_fast(stats: LatentStats, first: int, min_active: int = 1) -> ExplanationTable:
     """The same as `explain_and_score`, batched over latents (saepipe.analyze.explain_fast)."""
     from saepipe.analyze.explain_fast import build_candidates, choose_all, score_all
 
     split = Split(stats, first)
     explanations = choose_all(build_candidates(split), len(stats.n_active))
-    return ExplanationTable(explanations, score_all(split, explanations))
+    return ExplanationTable(explanations, _require(score_all(split, explanations), min_active))
 
 
 def heldout_examples(stats: LatentStats, n: int) -> ContextSet:

@@ -21,7 +21,8 @@ The ranking score is the mean of the three, each mapped so that chance is 0 and 
     score = ((2 AUROC_detection - 1) + (2 AUROC_fuzzing - 1) + r_simulation) / 3
 
 (a measure that is undefined, e.g. detection without inactive windows, is left out of the mean). A latent
-with no held-out active window has no score (NaN) and is not ranked by it.
+with fewer than `--score-min-active` held-out active windows has no score (NaN) and is not ranked by it:
+with one or two positives, the measures take a handful of values and cannot tell explanations apart.
 """
 
 from __future__ import annotations
