@@ -265,17 +265,20 @@ class Report:
         return self._acts[prefix]
 
     def explanation(self, latent: int) -> dict[str, Any]:
-        """{'text': ..., 'patterns': [(text, predicted, share, precision)], and every score}."""
+        """{'explanation': text, 'patterns': [(n-gram, predicted, share, precision)] largest share first
+        (an n-gram with context as "context ▸ token"), and every score}."""
         self._check(latent)
         row = self.stats(latent)
         out = {k: row[k] for k in ["explanation", *self.meta.get("scores", [])] if k in row}
         keys = self.arrays.get("explanation_keys")
         out["patterns"] = []
         if keys is not None:
-            for j in np.flatnonzero(keys[latent]):
+            a = self.arrays
+            js = np.flatnonzero(keys[latent])
+            for j in js[np.argsort(-a["explanation_share"][latent, js], kind="stable")]:
                 m, *toks = (int(v) for v in decode_key(keys[latent, j]))
-                text = "".join(self.vocab.get(t, "") for t in reversed(toks[: m + 1]))
-                a = self.arrays
+                context = "".join(self.vocab.get(t, "") for t in reversed(toks[1 : m + 1]))
+                text = (context + " ▸ " if m else "") + self.vocab.get(toks[0], "")
                 out["patterns"].append(
                     (
                         text,
