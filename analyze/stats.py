@@ -307,7 +307,7 @@ class StatsAccumulator:
                 self._update(rows, lat, z_NL[rows, lat], DenseCodes(z_NL, P), tokens_CT, ctx0)
         else:
             with one_thread():
-                codes = SparseCodes(z.rows, z.latents, z.values, P, L)
+                codes = SparseCodes(z.rows, z.latents, z.values, P, L, z.n_tokens)
                 self._update(z.rows, z.latents, codes.values, codes, tokens_CT, ctx0)
 
     def _update(

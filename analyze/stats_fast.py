@@ -91,6 +91,14 @@ class DenseCodes:
         # flat offsets and take: ~2x faster than indexing with two index tensors
         return self.z.take(rows * self.L + lats)
 
+    def windows(self, rows: torch.Tensor, lats: torch.Tensor, before: int, after: int) -> torch.Tensor:
+        """[m, before + 1 + after] codes of latent lats[i] at the rows around rows[i] in the same context
+        (positions outside it read the context's edge and must be masked by the caller)."""
+        offsets = torch.arange(-before, after + 1, device=rows.device)
+        p = rows % self.P
+        wr = rows[:, None] - p[:, None] + (p[:, None] + offsets).clamp(0, self.P - 1)
+        return self.at(wr, lats[:, None].expand_as(wr))
+
 
 class SparseCodes:
     """A group's codes as its active pairs (row-major, as `SAE.encode_sparse` returns them); 0 elsewhere.
@@ -99,8 +107,11 @@ class SparseCodes:
     is ever written or scanned: the point of sparse encoding (issue 14).
     """
 
-    def __init__(self, rows: torch.Tensor, lats: torch.Tensor, values: torch.Tensor, P: int, L: int):
+    def __init__(
+        self, rows: torch.Tensor, lats: torch.Tensor, values: torch.Tensor, P: int, L: int, n_rows: int
+    ):
         self.keys = rows.long() * L + lats
+        self.n_rows = n_rows
         if len(self.keys) > 1 and not bool((self.keys[1:] > self.keys[:-1]).all()):
             raise ValueError("sparse codes must list each (row, latent) once, in row-major order")
         self.values, self.P, self.L = values.float(), P, L
@@ -111,6 +122,33 @@ class SparseCodes:
             return torch.zeros(q.shape, device=q.device)
         i = torch.searchsorted(self.keys, q.reshape(-1)).clamp(max=len(self.keys) - 1).view(q.shape)
         return torch.where(self.keys[i] == q, self.values[i], 0.0)
+
+    def windows(self, rows: torch.Tensor, lats: torch.Tensor, before: int, after: int) -> torch.Tensor:
+        """As DenseCodes.windows, from the codes directly: a window of latent l is a range of its active
+        rows, so two binary searches per window (in the pairs sorted by latent, then row) find every
+        active entry in it, instead of one search per window slot."""
+        W = before + 1 + after
+        out = torch.zeros(len(rows), W, device=rows.device)
+        if len(self.keys) == 0 or len(rows) == 0:
+            return out
+        if not hasattr(self, "by_lat"):
+            rk, lk = self.keys // self.L, self.keys % self.L
+            self.by_lat, order = (lk * self.n_rows + rk).sort()
+            self.by_lat_values = self.values[order]
+        p = rows % self.P
+        lo_row = rows - p + (p - before).clamp(min=0)
+        hi_row = rows - p + (p + after).clamp(max=self.P - 1)
+        base = lats.long() * self.n_rows
+        lo = torch.searchsorted(self.by_lat, base + lo_row)
+        hi = torch.searchsorted(self.by_lat, base + hi_row, right=True)
+        count = hi - lo
+        which = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), count)
+        entry = torch.repeat_interleave(lo - count.cumsum(0) + count, count) + torch.arange(
+            int(count.sum()), device=rows.device
+        )
+        r = self.by_lat[entry] % self.n_rows
+        out[which, r - rows[which] + before] = self.by_lat_values[entry]
+        return out
 
 
 class SlottedTopK:
@@ -193,7 +231,7 @@ class SlottedTopK:
         W = wp.shape[1]
         tok = tokens_CT.reshape(-1).take(c[:, None] * T + wp.clamp(0, T - 1))
         self.win_tokens.view(-1, W).index_copy_(0, dst, torch.where(in_ctx, tok, -1))
-        acts = codes.at(c[:, None] * P + (wp - first).clamp(0, P - 1), lat[:, None].expand_as(wp))
+        acts = codes.windows(row, lat, self.before, self.after)  # [m, W], slots outside masked below
         self.win_acts.view(-1, W).index_copy_(0, dst, torch.where(has_act, acts, torch.nan))
 
     def ranked(self) -> dict[str, torch.Tensor]:

@@ -293,3 +293,25 @@ def test_sparse_codes_give_the_dense_reference_results(tiny_store, encoder):
     assert got == want and len(got) > 100
     ref = Z[pool.context, pool.position - 1, pool.latent]
     np.testing.assert_allclose(pool.value, ref, rtol=1e-4, atol=1e-6 * Z.max())
+
+
+def test_sparse_code_windows_equal_dense_lookups():
+    """SparseCodes.windows (two searches per window) == DenseCodes.windows (one lookup per slot) on every
+    slot inside the context, windows at both context edges included."""
+    from saepipe.analyze.stats_fast import DenseCodes, SparseCodes
+
+    g = torch.Generator().manual_seed(5)
+    C, P, L = 6, 23, 40
+    z = torch.rand(C * P, L, generator=g)
+    z[torch.rand(C * P, L, generator=g) < 0.85] = 0.0
+    rows, lat = torch.nonzero(z > 0, as_tuple=True)
+    dense, sparse = DenseCodes(z, P), SparseCodes(rows, lat, z[rows, lat], P, L, C * P)
+    q_rows = torch.randint(0, C * P, (500,), generator=g)
+    q_rows[:20] = torch.arange(20) % C * P  # first position of a context
+    q_rows[20:40] = torch.arange(20) % C * P + P - 1  # last position
+    q_lat = torch.randint(0, L, (500,), generator=g)
+    d, s = dense.windows(q_rows, q_lat, 15, 4), sparse.windows(q_rows, q_lat, 15, 4)
+    inside = (q_rows % P)[:, None] + torch.arange(-15, 5)
+    inside = (inside >= 0) & (inside < P)
+    assert torch.equal(d[inside], s[inside])
+    assert (s[~inside] == 0).all() and (s[inside] > 0).sum() > 500  # not vacuous
