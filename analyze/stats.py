@@ -7,9 +7,12 @@ keep:
 - the `k` largest activations with their address (context, position) and a token window around them
   (`WINDOW_BEFORE` tokens before, `WINDOW_AFTER` after) with the latent's activation on every token of
   the window, captured while the context is in memory so the report never re-encodes the store;
-- a uniform sample of `samples` active positions (a running top-k over random keys, i.e. reservoir
-  sampling vectorized over latents), sorted by value at the end, so the report can show what a latent does
-  when weakly active, not only at its peak;
+- a uniform sample of `reservoir` active positions (a running top-k over random keys, i.e. reservoir
+  sampling vectorized over latents) with their windows: its first `samples` (by key, so themselves a
+  uniform sample) are sorted by value for the report, to show what a latent does when weakly active; all
+  of them feed the explanations (saepipe.analyze.heldout);
+- the whole sparse codes and tokens of a pool of contexts spread over the store (`PoolCodes`), where
+  explanations learn how often an n-gram occurs without the latent and are scored on inactive windows;
 - counts of active tokens (activation > 0), the activation sum and max, and a histogram of log10
   activation over active tokens on fixed bins (`HIST_EDGES`, 8 per decade; values outside are clipped into
   the end bins), fixed so that one pass suffices without knowing each latent's range in advance.
@@ -17,8 +20,10 @@ keep:
 Window slots outside the context hold token -1; slots with no latent value (outside, or the BOS position,
 which the SAE never sees) hold NaN.
 
-The running top-k and the search for active entries have fast paths in saepipe.analyze.stats_fast;
-`SAEPIPE_SIMPLE_STATS=1` switches back to the simple references kept here (results are identical).
+Codes arrive sparse (`SAE.encode_sparse`: the active pairs only, so no [tokens, latents] matrix is written
+or scanned) or dense. The running top-k and the search for active entries have fast paths in
+saepipe.analyze.stats_fast; `SAEPIPE_SIMPLE_STATS=1` switches back to the simple references kept here,
+which densify sparse codes (results are identical).
 """
 
 from __future__ import annotations
