@@ -251,11 +251,17 @@ class Report:
         key = key or self.meta["rank_by"]
         if key not in RANKING_KEYS:
             raise SaepipeError(f"unknown ranking key {key!r}; choose one of {', '.join(RANKING_KEYS)}")
+        if f"score_{key}" not in self.table.column_names:
+            raise SaepipeError(
+                f"report {self.path} has no {key} scores (an older saepipe wrote it); rerun analyze"
+            )
         ids = order(self.column(f"score_{key}"), self.column("dead"), self.column("dense"))
         return [int(i) for i in ids]
 
     def window_acts(self, prefix: str) -> np.ndarray:
         """[L, n, W] float32 activations of a context set's windows, rebuilt from the sparse arrays."""
+        if prefix not in self._acts and f"{prefix}_window_acts" in self.arrays:  # written before issue 14
+            self._acts[prefix] = self.arrays[f"{prefix}_window_acts"]
         if prefix not in self._acts:
             tokens = self.arrays[f"{prefix}_window_tokens"]
             shape = tokens.shape

@@ -216,11 +216,11 @@ def keyed_context_set(ranked: dict[str, torch.Tensor], n: int | None = None) -> 
     """The first `n` entries of a running top-k in key order (for a reservoir: a random order)."""
     take = lambda t: t[:n].transpose(0, 1).cpu().numpy()  # noqa: E731
     return ContextSet(
-        take(ranked["values"]).astype(np.float32),
+        take(ranked["values"]).astype(np.float32, copy=False),
         take(ranked["contexts"]),
         take(ranked["positions"]),
         take(ranked["win_tokens"]),
-        take(ranked["win_acts"]).astype(np.float32),
+        take(ranked["win_acts"]).astype(np.float32, copy=False),
     )
 
 
@@ -238,11 +238,11 @@ def ranked_context_set(ranked: dict[str, torch.Tensor], ascending: bool = False)
         t.permute(1, 0, 2).cpu().gather(1, order[..., None].expand(-1, -1, WINDOW)).numpy()
     )
     return ContextSet(
-        take(ranked["values"]).astype(np.float32),
+        take(ranked["values"]).astype(np.float32, copy=False),
         take(ranked["contexts"]),
         take(ranked["positions"]),
         take3(ranked["win_tokens"]),
-        take3(ranked["win_acts"]).astype(np.float32),
+        take3(ranked["win_acts"]).astype(np.float32, copy=False),
     )
 
 
