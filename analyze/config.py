@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from saepipe.config import StageConfig
 
@@ -25,8 +25,33 @@ class AnalyzeConfig(StageConfig):
     samples: int = Field(16, gt=0)
     """Size of the uniform per-latent sample of active positions; the dashboard shows those below the median
     (what a latent does when weakly active)."""
-    rank_by: str = "interpretability"
-    """Ranking key of the dashboard's list: interpretability, max_activation, frequency, mean_activation."""
+    score_samples: int = Field(64, gt=0)
+    """Uniformly sampled active positions kept per latent for its explanation: those in even contexts build
+    it, those in odd contexts score it (held out); the dashboard's `samples` are the first of them."""
+    score_contexts: int = Field(256, ge=0)
+    """Contexts spread over the store whose whole codes are kept: the even half tells the explainer how
+    often each n-gram occurs without the latent, the odd half gives held-out windows where it is inactive
+    (detection negatives)."""
+    score_min_active: int = Field(4, ge=1)
+    """Latents with fewer held-out active windows get no explanation score (too few to tell explanations
+    apart) and are left out of the explanation ranking; their other scores are still reported."""
+    rank_by: str = "explanation"
+    """Ranking key of the dashboard's list: explanation (held-out detection, fuzzing and simulation score of
+    each latent's explanation), interpretability (token concentration), max_activation, frequency,
+    mean_activation."""
+    explainer: str | None = None
+    """Also explain and score the best-ranked latents with this language model, delphi-style (a local HF
+    directory, a hub id, or smollm2-135m); the deterministic explainer still ranks."""
+    explainer_latents: int = Field(16, gt=0)
+    """How many latents (the first of the ranking) the language model explains and scores."""
+    explainer_examples: int = Field(8, gt=0)
+    """Examples the language model sees per latent: to explain, and of each kind to score (active,
+    inactive, correctly and wrongly highlighted)."""
+    explainer_batch: int = Field(8, gt=0)
+    """Prompts per language-model forward pass."""
+    explainer_cache: str | None = None
+    """Where the language model's answers are cached (keyed by model weights, prompt and settings);
+    default: SAEPIPE_HOME/explainer-cache."""
     dense_threshold: float = Field(0.1, gt=0, le=1)
     """Latents active on more than this fraction of tokens are reported as ultra-dense, not ranked."""
     logit_tokens: int = Field(10, gt=0)
@@ -45,6 +70,14 @@ class AnalyzeConfig(StageConfig):
     """Latent cards (top-ranked latents) logged to W&B."""
     seed: int = 0
     """Seed of the per-latent sampling of weakly active positions."""
+
+    @model_validator(mode="after")
+    def _reservoir_holds_samples(self) -> AnalyzeConfig:
+        if self.score_samples < self.samples:
+            raise ValueError(
+                f"score_samples ({self.score_samples}) must be at least samples ({self.samples})"
+            )
+        return self
 
     @field_validator("rank_by")
     @classmethod

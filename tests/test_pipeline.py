@@ -163,7 +163,8 @@ def test_killed_stage_resumes_on_rerun(tmp_path, tiny_pipeline):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     train = tmp_path / "runs" / "tiny" / "train"
     ckpt = train / "checkpoint"
-    deadline = time.monotonic() + 180
+    # a guard only: a loaded machine can take minutes to reach the first checkpoint
+    deadline = time.monotonic() + 900
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.kill()

@@ -113,6 +113,17 @@ class SAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_sae]
         raise NotImplementedError
 
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:  # [n, d_in] -> nnz active pairs
+        """The active pairs of `encode(x)` (value > 0) in row-major order, values bit-equal to encode's.
+
+        Analysis needs only these (tens of k active out of thousands); architectures whose selection yields
+        them directly override this so no dense [n, d_sae] code is written and scanned. This reference
+        goes through the dense code; tests/test_train_saes.py checks every override against it.
+        """
+        z = self.encode(x)
+        rows, latents = torch.nonzero(z > 0, as_tuple=True)
+        return SparseCode(rows, latents, z[rows, latents], x.shape[0])
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # [..., d_sae] -> [..., d_in]
         return z @ self.W_dec + self.b_dec
 
