@@ -29,6 +29,7 @@ SAELENS_CLASS = {
     "jumprelu": "JumpReLUSAE",
     "batchtopk": "JumpReLUSAE",
     "matryoshka": "JumpReLUSAE",
+    "matryoshka-token": "TopKSAE",
 }
 TRAINING_ARCHITECTURE = {
     "relu": "standard",
@@ -36,7 +37,12 @@ TRAINING_ARCHITECTURE = {
     "jumprelu": "jumprelu",
     "batchtopk": "batchtopk",
     "matryoshka": "matryoshka_batchtopk",
+    "matryoshka-token": "matryoshka_topk",
 }
+VARIANTS = {arch: (arch, {}) for arch in ARCHITECTURES} | {
+    "matryoshka-token": ("matryoshka", {"selection": "token"})
+}
+"""SAE dir name -> (architecture, hparams): every architecture, and Matryoshka with token selection."""
 
 
 def saelens_python() -> str:
@@ -50,10 +56,10 @@ def saelens_python() -> str:
 
 
 def write_dirs(root: Path) -> None:
-    """One SAE dir per architecture, with weights that make every part of encode/decode matter."""
+    """One SAE dir per variant, with weights that make every part of encode/decode matter."""
     torch.manual_seed(0)
-    for arch in sorted(ARCHITECTURES):
-        sae = build_sae(arch, 16, 48, k=6)
+    for name, (arch, hparams) in sorted(VARIANTS.items()):
+        sae = build_sae(arch, 16, 48, k=6, hparams=hparams)
         with torch.no_grad():
             sae.b_dec.normal_()
             sae.b_enc.normal_(std=0.3)
@@ -61,7 +67,7 @@ def write_dirs(root: Path) -> None:
             if sae.has_threshold:
                 sae.threshold.uniform_(0.05, 0.6)
         path = save_sae(
-            sae, root / arch, hook_name=HOOK, model_name="tiny-llama", input_scale=1.7,
+            sae, root / name, hook_name=HOOK, model_name="tiny-llama", input_scale=1.7,
             context_size=32, prepend_bos=True, dataset_path="shakespeare",
             saepipe={"training": {"drop_bos": True}},
         )  # fmt: skip
@@ -88,7 +94,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(VARIANTS))
 def test_saelens_loads_and_matches(arch, report):
     r = report["saes"][arch]
     assert r["class"] == SAELENS_CLASS[arch]

@@ -97,6 +97,26 @@ def test_learns_sparse_features(trained, arch):
         assert l0 < 8, f"{arch}: L0 {l0:.2f} (~2 true features per token)"
 
 
+def test_matryoshka_token_selection_keeps_each_tokens_top_k(trained):
+    """Token selection trains and encodes as TopK: every token keeps exactly its k largest pre-activations
+    (checked against the formula from the weights), and the SAE still learns the features."""
+    _, x = trained
+    torch.manual_seed(1)
+    sae = train(build_sae("matryoshka", D_IN, WIDTH, k=4, hparams={"selection": "token"}), Features())
+    assert "threshold" not in sae.state_dict()
+    with torch.no_grad():
+        z = sae.encode(x)
+        pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    values, idx = pre.topk(4, dim=-1)
+    want = torch.zeros_like(pre).scatter(-1, idx, values)
+    torch.testing.assert_close(z, want)
+    assert int((z != 0).sum(-1).max()) == 4
+    with torch.no_grad():
+        assert fvu(x, sae.decode(z)) < 0.12
+    with pytest.raises(ValueError, match="selection"):
+        build_sae("matryoshka", D_IN, WIDTH, k=4, hparams={"selection": "row"})
+
+
 @pytest.mark.parametrize("arch", list(SETTINGS))
 def test_decoder_norms(trained, arch):
     sae = trained[0][arch]

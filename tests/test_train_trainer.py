@@ -108,3 +108,13 @@ def test_dead_window_scales_with_the_run_and_never_exceeds_it(tiny_store, tmp_pa
     assert main([*base, "--tokens", "640", "--dead-window", "1000"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not shorter than the run" in err and not (tmp_path / "x").exists()
+
+
+def test_matryoshka_settings_reach_only_matryoshka_saes():
+    cfg = TrainConfig(stores=["s"], hook="h", out="o", arch=["matryoshka", "topk"], width=[64, 128],
+                      matryoshka_prefixes=[0.25, 1], matryoshka_selection="token")  # fmt: skip
+    specs = {s.name: s.hparams for s in cfg.specs()}
+    assert specs["matryoshka-w64-k32"]["prefixes"] == [16, 64]
+    assert specs["matryoshka-w128-k32"]["prefixes"] == [32, 128]
+    assert specs["matryoshka-w64-k32"]["selection"] == "token"
+    assert "selection" not in specs["topk-w64-k32"] and "prefixes" not in specs["topk-w64-k32"]

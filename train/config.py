@@ -91,6 +91,9 @@ class TrainConfig(StageConfig):
     `[{arch: [topk], tokens: [33554432]}]` in pipelines.yaml or `--also '{"arch": ["topk"], ...}'` (JSON)."""
     matryoshka_prefixes: list[float] | None = None
     """matryoshka: nested dictionary sizes as fractions of the width, the last 1 (default 1/8 1/4 1/2 1)."""
+    matryoshka_selection: Literal["batch", "token"] = "batch"
+    """matryoshka: `batch` keeps the n*k largest activations of the batch (BatchTopK, the published recipe);
+    `token` keeps each token's k largest (TopK), which does not collapse on SynthSAEBench (bench/RESULTS.md)."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """Decoder bias start: the geometric median of a sample, the stores' mean, or zeros."""
     normalize: bool = False
@@ -196,6 +199,7 @@ class TrainConfig(StageConfig):
             "threshold_init": self.jumprelu_threshold_init,
             "target_l0": self.jumprelu_target_l0,
             "auxk_coefficient": self.auxk_coefficient,
+            "selection": self.matryoshka_selection,
         }
         several_budgets = len({t for grid in self.grids() for t in grid["tokens"]}) > 1
         out: dict[str, SAESpec] = {}

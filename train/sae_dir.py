@@ -10,16 +10,17 @@ Layout (format version 2):
         b_enc      [d_sae]
         W_dec      [d_sae, d_in]
         b_dec      [d_in]
-        threshold  [d_sae]        only for jumprelu, batchtopk and matryoshka
+        threshold  [d_sae]        only for jumprelu, batchtopk and matryoshka (batch selection)
     cfg.json
-        architecture            SAELens's name for the inference function (SAELENS_ARCHITECTURE):
+        architecture            SAELens's name for the inference function (`saelens_architecture`):
                                 relu -> "standard"; topk -> "topk"; jumprelu, batchtopk, matryoshka ->
-                                "jumprelu" (SAELens itself saves BatchTopK and Matryoshka SAEs so)
+                                "jumprelu" (SAELens itself saves BatchTopK and Matryoshka SAEs so);
+                                matryoshka with token selection -> "topk"
         d_in, d_sae, dtype ("float32"), device ("cpu")
         apply_b_dec_to_input    true
         normalize_activations   "none" (any training normalisation is folded into the weights)
         reshape_activations     "none"
-        k                       topk only (SAELens's TopKSAEConfig.k)
+        k                       SAELens "topk" only (SAELens's TopKSAEConfig.k)
         metadata                SAELens 6.x's SAEMetadata block:
             sae_lens_version            "6.0.0": the cfg layout followed (SAELens reads a dir without it
                                         through its pre-6 converter, which drops this block)
@@ -34,7 +35,8 @@ Layout (format version 2):
             seqpos_slice                [1, null] when training dropped the BOS position, else [null]
             neuronpedia_id              null until the SAE is uploaded to Neuronpedia
             training_architecture       SAELens's training name (standard, topk, jumprelu, batchtopk,
-                                        matryoshka_batchtopk)
+                                        matryoshka_batchtopk; matryoshka_topk for token selection,
+                                        which SAELens does not train)
             training_architecture_details  {k, and the architecture settings}
         hook_name, hook_layer, hook_head_index, model_name, model_class_name,
         model_from_pretrained_kwargs, context_size, prepend_bos, dataset_path, seqpos_slice,
@@ -43,7 +45,8 @@ Layout (format version 2):
             format_version      2
             architecture        "relu" | "topk" | "batchtopk" | "jumprelu" | "matryoshka"
             k                   topk, batchtopk, matryoshka (batchtopk/matryoshka: the training batch L0)
-            hparams             the architecture settings (matryoshka: `prefixes`, the nested sizes)
+            hparams             the architecture settings (matryoshka: `prefixes`, the nested sizes,
+                                and `selection`, "batch" or "token")
             input_scale         the folded normalisation factor
             store               [{path, model_fingerprint, hook}] one per training store
             training            the resolved training settings
@@ -54,7 +57,7 @@ it (those dirs load in SAELens only for topk and jumprelu).
 
 Semantics, for raw activations x [..., d_in]:
     pre = (x - b_dec) @ W_enc + b_enc
-    relu: relu(pre); topk: the k largest of relu(pre) per token, others 0;
+    relu: relu(pre); topk and token-selection matryoshka: the k largest of relu(pre) per token, others 0;
     jumprelu, batchtopk, matryoshka: pre * (pre > threshold)   (threshold >= 0, so SAELens's
     relu(pre) * (pre > threshold) is the same function)
     decode(z) = z @ W_dec + b_dec
@@ -91,6 +94,14 @@ SAELENS_ARCHITECTURE = {
     "matryoshka": "jumprelu",
 }
 """saepipe architecture -> the SAELens inference architecture with the same encode/decode."""
+
+
+def saelens_architecture(arch: str, hparams: dict[str, Any]) -> str:
+    """SAELens's inference architecture for one SAE: a token-selection Matryoshka encodes as TopK."""
+    if arch == "matryoshka" and hparams.get("selection") == "token":
+        return "topk"
+    return SAELENS_ARCHITECTURE[arch]
+
 
 SAELENS_TRAINING_ARCHITECTURE = {
     "relu": "standard",
@@ -161,7 +172,7 @@ def sae_cfg(sae: SAE, hook_name: str, model_name: str, input_scale: float = 1.0,
     }
     details = {"k": sae.k, **sae.hparams} if sae.uses_k else dict(sae.hparams)
     return {
-        "architecture": SAELENS_ARCHITECTURE[arch],
+        "architecture": saelens_architecture(arch, sae.hparams),
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
         "dtype": "float32",
@@ -169,12 +180,16 @@ def sae_cfg(sae: SAE, hook_name: str, model_name: str, input_scale: float = 1.0,
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        **({"k": sae.k} if arch == "topk" else {}),
+        **({"k": sae.k} if saelens_architecture(arch, sae.hparams) == "topk" else {}),
         "metadata": {
             "sae_lens_version": SAELENS_LAYOUT,
             "sae_lens_training_version": None,
             **described,
-            "training_architecture": SAELENS_TRAINING_ARCHITECTURE[arch],
+            "training_architecture": (
+                "matryoshka_topk"
+                if saelens_architecture(arch, sae.hparams) == "topk" and arch == "matryoshka"
+                else SAELENS_TRAINING_ARCHITECTURE[arch]
+            ),
             "training_architecture_details": details,
         },
         **described,
@@ -236,10 +251,11 @@ def _architecture(path: Path, cfg: dict) -> tuple[str, int | None, dict[str, Any
         raise SaepipeError(
             f"{path}: unknown architecture {arch!r}; this saepipe reads {', '.join(ARCHITECTURES)}"
         )
-    if "architecture" in own and cfg["architecture"] != SAELENS_ARCHITECTURE[arch]:
+    expected = saelens_architecture(arch, hparams)
+    if "architecture" in own and cfg["architecture"] != expected:
         raise SaepipeError(
             f"{path}/{CFG}: architecture {cfg['architecture']!r} does not match saepipe.architecture {arch!r} "
-            f"(SAELens would load it as {SAELENS_ARCHITECTURE[arch]!r}); restore the SAE dir or rerun "
+            f"(SAELens would load it as {expected!r}); restore the SAE dir or rerun "
             "`saepipe train`"
         )
     return arch, k, hparams
