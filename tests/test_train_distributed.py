@@ -85,7 +85,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, 
         with torch.no_grad():
             sae.b_dec.copy_(b_dec)
         opts[name] = make_optimizer(sae, cfg.lr)
-    total = cfg.tokens // 64
+    total = cfg.tokens[0] // 64
     streams = [loader.batches() for loader in loaders]
     for step in range(total):
         x = torch.cat([next(s).x for s in streams])

@@ -198,3 +198,13 @@ def test_decoder_ortho_separates_a_child_from_its_parent():
         sae.after_optimizer_step()
     w = sae.W_dec.detach()
     assert float(w[0] @ w[1]) < 0.3 and float(w[1, 1]) > 0.9
+
+
+def test_global_variances_match_the_two_pass_formula():
+    from saepipe.train.saes.base import global_variances
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 7, generator=g) * 3 + 5, torch.randn(200, 3, generator=g)
+    got = global_variances(a, b)
+    for t, v in zip((a, b), got, strict=True):
+        torch.testing.assert_close(v, (t - t.mean(0)).pow(2).sum(-1).mean(), rtol=1e-5, atol=1e-6)

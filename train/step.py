@@ -1,7 +1,9 @@
 """One optimizer step of one SAE, with the rank reductions that keep every rank's copy identical.
 
 Each quantity is reduced once per step, here, on the compute device: the gradients (one flat all-reduce),
-the firing counts (which the trainer's metrics reuse) and the architecture's batch statistics. The global
+the firing counts (which the trainer's metrics reuse) and the architecture's batch statistics; the
+batch variances that weight AuxK and the decoder penalty are reduced where they are computed
+(`saes.base.global_variances`), so every rank's loss equals one process's. The global
 token count is not reduced at all: every rank steps on `batch_size` rows, so it is known up front.
 Nothing here reads a value back to the host, so a GPU step never waits on a collective's result.
 """

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saepipe.train import distributed
 from saepipe.train.saes.sparse import gather_pre, sparse_decode
 
 
@@ -223,6 +224,22 @@ ORTHO_BLOCK = 256
 """Decoder rows the orthogonality penalty compares with all others per step (a rotating block)."""
 
 
+def global_variances(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """Each [n, d] tensor's mean squared distance from its mean, over the global batch of all ranks (one
+    all-reduce of the sums), so AuxK's weight is the same on every rank and equal to one process's."""
+    n = ts[0].new_tensor([float(ts[0].shape[0])])
+    sums = distributed.all_reduce_sum(
+        torch.cat([n, *(torch.cat([t.sum(0), t.pow(2).sum()[None]]) for t in ts)])
+    )
+    out, at, total = [], 1, sums[0]
+    for t in ts:
+        d = t.shape[1]
+        mean = sums[at : at + d] / total
+        out.append(sums[at + d] / total - mean.pow(2).sum())
+        at += d + 1
+    return out
+
+
 def ortho_penalty(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Mean squared cosine between a block of decoder rows and every other row, times the batch's input
     variance (so its weight is relative to the reconstruction loss, like AuxK's).
@@ -240,7 +257,7 @@ def ortho_penalty(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     cos = cos.masked_fill(rows[:, None] == torch.arange(sae.d_sae, device=W.device)[None, :], 0.0)
     with torch.no_grad():
         sae.ortho_block += 1
-    variance = (x - x.mean(0)).pow(2).sum(-1).mean().detach()
+    (variance,) = global_variances(x.detach())
     return variance * cos.pow(2).sum() / (len(rows) * max(sae.d_sae - 1, 1))
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from saepipe.train.saes.base import SAE, SparseCode, StepContext, mse
+from saepipe.train.saes.base import SAE, SparseCode, StepContext, global_variances, mse
 
 
 class TopKSAE(SAE):
@@ -69,6 +69,5 @@ def auxk_loss(sae: SAE, ctx: StepContext) -> torch.Tensor:
     code, _ = sae.code_at(ctx.x_c, ctx.pre, rows, latents)
     error = (ctx.x - ctx.recon).detach()
     error_hat = sae.decode_code(code, with_bias=False)
-    variance = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    x_variance = (ctx.x - ctx.x.mean(0)).pow(2).sum(-1).mean().detach()
-    return coefficient * mse(error, error_hat) * x_variance / variance
+    x_variance, variance = global_variances(ctx.x.detach(), error)
+    return coefficient * mse(error, error_hat) * x_variance / variance.clamp_min(1e-12)
