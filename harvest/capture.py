@@ -63,11 +63,12 @@ class Shard:
                     "check the model weights"
                 )
             if n := int(self.overflow[hook].sum()):
-                where = np.flatnonzero(self.overflow[hook])
+                where = self.start + np.flatnonzero(self.overflow[hook])
+                top = float(torch.finfo(TORCH_STORAGE[dtype]).max)
                 raise SaepipeError(
-                    f"{n:,} activation values at hook {hook} overflow {dtype} (contexts {self.start + int(where[0])} "
-                    f"to {self.start + int(where[-1])}: |x| > {float(torch.finfo(TORCH_STORAGE[dtype]).max):g}); "
-                    "rerun with --dtype bfloat16 (same size, float32's range) or float32, into a new --out"
+                    f"{n:,} activation values at hook {hook} overflow {dtype} (|x| > {top:g}) in contexts "
+                    f"[{where[0]}, {where[-1] + 1}); rerun with --dtype bfloat16 (same size, float32's range) "
+                    "or float32, into a new --out"
                 )
         return self.acts
 
