@@ -28,7 +28,6 @@ import torch
 from saepipe.errors import SaepipeError
 from saepipe.harvest import hooks as hooklib
 from saepipe.harvest.overlap import overlapped
-from saepipe.harvest.store import STORED_DTYPES
 
 TORCH_STORAGE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -89,39 +88,36 @@ class Capture:
         self._stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._pool: queue.Queue | None = None
 
-    def _buffers(self, n: int) -> tuple[dict[str, np.ndarray], Callable[[], None] | None]:
-        """Host arrays for `n` contexts of every hook, and how to hand them back (pinned pool on CUDA)."""
-        stored = np.dtype(STORED_DTYPES[self.dtype])
+    def _buffers(self, n: int) -> tuple[dict[str, torch.Tensor], Callable[[], None] | None]:
+        """Host tensors for `n` contexts of every hook, in the storage dtype, and how to hand them back
+        (CUDA: a pool of two pinned shard buffers per hook, allocated once; pinning is slow)."""
+        dtype = TORCH_STORAGE[self.dtype]
         if not self.cuda:
-            return {h: np.empty((n, *self.shape[1:]), stored) for h in self.resolved}, None
+            return {h: torch.empty((n, *self.shape[1:]), dtype=dtype) for h in self.resolved}, None
         if self._pool is None:
             self._pool = queue.Queue()
-            pin = overlapped()
             for _ in range(2):  # one shard being written while the next is computed
                 self._pool.put(
-                    {
-                        h: torch.empty(self.shape, dtype=TORCH_STORAGE[self.dtype], pin_memory=pin)
-                        for h in self.resolved
-                    }
+                    {h: torch.empty(self.shape, dtype=dtype, pin_memory=overlapped()) for h in self.resolved}
                 )
         bufs = self._pool.get()  # waits for the writer to finish with an older shard
         pool = self._pool
-        return {h: _numpy_view(b)[:n] for h, b in bufs.items()}, lambda: pool.put(bufs)
+        return {h: b[:n] for h, b in bufs.items()}, lambda: pool.put(bufs)
 
     @torch.inference_mode()
     def run(self, start: int, tokens: np.ndarray) -> Shard:
         """Activations of every hook for one shard's contexts, computed batch by batch from its start
         (the same batches every run feeds the model, so a resumed store is byte-identical)."""
         n = len(tokens)
-        acts, release = self._buffers(n)
-        shard = Shard(start, tokens, acts, release=release)
+        host, release = self._buffers(n)
+        shard = Shard(start, tokens, {h: _numpy_view(t) for h, t in host.items()}, release=release)
         counts = {h: torch.zeros((2, n), dtype=torch.int64, device=self.device) for h in self.resolved}
         with hooklib.recording(self.model.bridge, self.resolved) as recorded:
             for b in range(0, n, self.batch_size):
                 batch = torch.from_numpy(tokens[b : b + self.batch_size]).long().to(self.device)
                 self.model.bridge(batch, return_type=None, stop_at_layer=self.stop)
                 for h, x in recorded.items():
-                    self._store(x, _torch_view(acts[h][b : b + len(batch)], self.dtype), counts[h][:, b:])
+                    self._store(x, host[h][b : b + len(batch)], counts[h][:, b:])
         self._finish(shard, counts)
         return shard
 
@@ -169,10 +165,3 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
-
-
-def _torch_view(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """A host array in the store's representation as a torch tensor of the storage dtype, no copy."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
