@@ -5,7 +5,12 @@ Targets (issue 18): harvest >= 0.95x the bare truncated forward over the same ba
 >= 2x with two hooks (saepipe records both in one pass; the runner takes one hook per run, so two runs).
 
     python -m bench.bench_harvest [--tokens 65536] [--hook blocks.10.hook_resid_post]
-        [--hook2 blocks.5.hook_resid_post] [--repeats 3] [--saelens-python PATH] [--device auto] [--quick]
+        [--hook2 blocks.5.hook_resid_post] [--chunks-per-shard 8] [--repeats 3] [--saelens-python PATH]
+        [--device auto] [--quick]
+
+Each repeat also times the inline reference (`SAEPIPE_SYNC_HARVEST=1`: no packing ahead, no write behind
+the forward), which shows what the overlap buys. The last shard's write can overlap nothing, so a short
+run with few shards understates the harvest; `--chunks-per-shard` makes more, smaller shards.
 
 SAELens runs in its own virtualenv (sae-lens pins transformer-lens below 4): give its python with
 `--saelens-python` or $SAEPIPE_SAELENS_PYTHON (it runs bench/saelens_cache.py); without one only the
@@ -116,6 +121,9 @@ def main() -> None:
     p.add_argument("--hook", default="blocks.10.hook_resid_post")
     p.add_argument("--hook2", default="blocks.5.hook_resid_post", help="the second hook of the two-hook run")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--chunks-per-shard", type=int, default=8, help="default 8 (256-context shards, the default)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="default 3; quick 1")
     p.add_argument("--saelens-python", default=os.environ.get("SAEPIPE_SAELENS_PYTHON"),
                    help="python of a virtualenv with sae-lens (default $SAEPIPE_SAELENS_PYTHON)")  # fmt: skip
@@ -124,7 +132,8 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
-    cfg = HarvestConfig(hooks=[args.hook], tokens=args.tokens, device=device, batch_size=args.batch_size)
+    cfg = HarvestConfig(hooks=[args.hook], tokens=args.tokens, device=device, batch_size=args.batch_size,
+                        chunks_per_shard=args.chunks_per_shard)  # fmt: skip
     two = cfg.model_copy(update={"hooks": [args.hook, args.hook2]})
     model = load_model(cfg.model, device, cfg.model_dtype)
     tokens = packed_tokens(cfg, model)
@@ -132,15 +141,21 @@ def main() -> None:
     tokens_file = work / "tokens.npy"
     np.save(tokens_file, tokens)
     model_dir = local_checkpoint(cfg.model)
-    runs: dict[str, list[float]] = {k: [] for k in ("bare", "harvest", "harvest2", "sl", "sl2")}
-    ratios: dict[str, list[float]] = {k: [] for k in ("bare", "sl", "sl2")}
+    runs: dict[str, list[float]] = {k: [] for k in ("bare", "harvest", "inline", "harvest2", "sl", "sl2")}
+    ratios: dict[str, list[float]] = {k: [] for k in ("bare", "inline", "sl", "sl2")}
     bytes_pt: dict[str, float] = {}
     for r in range(repeats):
         runs["bare"].append(bare_forward(model, cfg, tokens))
         rate, bytes_pt["harvest"] = saepipe_harvest(cfg, tokens, work)
         runs["harvest"].append(rate)
         ratios["bare"].append(rate / runs["bare"][-1])
-        line = f"repeat {r + 1}: bare {runs['bare'][-1]:,.0f} tok/s, harvest {rate:,.0f}"
+        os.environ["SAEPIPE_SYNC_HARVEST"] = "1"  # the inline reference: no packing ahead, no writes behind
+        try:
+            runs["inline"].append(saepipe_harvest(cfg, tokens, work)[0])
+        finally:
+            del os.environ["SAEPIPE_SYNC_HARVEST"]
+        ratios["inline"].append(runs["inline"][-1] / runs["bare"][-1])
+        line = f"repeat {r + 1}: bare {runs['bare'][-1]:,.0f} tok/s, harvest {rate:,.0f}, inline {runs['inline'][-1]:,.0f}"
         if args.saelens_python:
             sl, bytes_pt["sl"] = saelens_cache(
                 args.saelens_python, model_dir, tokens_file, args.hook, cfg, device, work
@@ -158,14 +173,20 @@ def main() -> None:
             line += f", SAELens {sl:,.0f}; two hooks: harvest {rate2:,.0f}, SAELens {sl2:,.0f}"
         print(line, flush=True)
     shutil.rmtree(work)
-    setting = f"SmolLM2-135M {args.hook}, context {cfg.context_size}, {args.tokens:,} tokens, batch {args.batch_size}, fp32"
+    shard = cfg.contexts_per_chunk * cfg.chunks_per_shard
+    setting = (f"SmolLM2-135M {args.hook}, context {cfg.context_size}, {args.tokens:,} tokens, batch {args.batch_size}, "
+               f"{shard}-context shards, fp32")  # fmt: skip
     bare, rate = median(runs["bare"]), median(runs["harvest"])
     ideal = model.d_model * 2
+    inline = median(runs["inline"])
     print(f"bare forward {bare:,.0f} tok/s; harvest {rate:,.0f} tok/s; ratio {median(ratios['bare']):.3f} "
-          f"(target >= 0.95; {repeats} repeats, medians); disk {bytes_pt['harvest']:,.0f} B/token "
+          f"(target >= 0.95; {repeats} repeats, medians); inline reference (SAEPIPE_SYNC_HARVEST=1) {inline:,.0f} "
+          f"tok/s, {median(ratios['inline']):.3f}x; disk {bytes_pt['harvest']:,.0f} B/token "
           f"({bytes_pt['harvest'] / ideal:.3f}x d_model x 2)")  # fmt: skip
-    rows = [("harvest vs bare forward", setting, f"harvest {rate:,.0f} tok/s vs bare {bare:,.0f}",
-             f"{median(ratios['bare']):.3f}x (target >= 0.95); {repeats} repeats, medians")]  # fmt: skip
+    rows = [("harvest vs bare forward", setting,
+             f"harvest {rate:,.0f} tok/s vs bare {bare:,.0f}; inline reference {inline:,.0f}",
+             f"{median(ratios['bare']):.3f}x (target >= 0.95; inline {median(ratios['inline']):.3f}x); "
+             f"{repeats} repeats, medians")]  # fmt: skip
     if args.saelens_python:
         sl, sl2, rate2 = median(runs["sl"]), median(runs["sl2"]), median(runs["harvest2"])
         size = bytes_pt["harvest"] / bytes_pt["sl"]
