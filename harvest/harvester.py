@@ -31,7 +31,7 @@ from saepipe.harvest import hooks as hooklib
 from saepipe.harvest.cache import cache_root, locate
 from saepipe.harvest.capture import Capture, Shard
 from saepipe.harvest.config import HarvestConfig
-from saepipe.harvest.corpus import iter_texts, pack_contexts, shard_tokens
+from saepipe.harvest.corpus import dataset_fingerprint, iter_texts, pack_contexts, shard_tokens
 from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
 from saepipe.harvest.overlap import Behind, ahead
@@ -100,6 +100,7 @@ def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
             "config": cfg.dataset_config,
             "split": cfg.split,
             "text_column": cfg.text_column,
+            "fingerprint": dataset_fingerprint(cfg.dataset),  # the text itself, so the cache key sees edits
         },
         "hooks": list(cfg.hooks),
         "context_size": cfg.context_size,
@@ -109,7 +110,6 @@ def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
         "contexts_per_chunk": cfg.contexts_per_chunk,
         "chunks_per_shard": cfg.chunks_per_shard,
         "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
         "n_contexts_target": n_contexts_for(cfg.tokens, cfg.context_size),
     }
 
@@ -153,8 +153,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     said = False
     while True:
         try:
-            with Lease(out + ".lock", cfg.lock_stale_after):
-                return _write(out, settings, cfg, model, resolved, progress, ranks)
+            with Lease(out + ".lock", cfg.lock_stale_after) as lease:
+                return _write(out, settings, cfg, model, resolved, progress, ranks, lease)
         except LeaseHeld as held:
             if not said:
                 print(f"another harvester ({held}) is writing {out}; waiting for it", file=sys.stderr)
@@ -174,16 +174,17 @@ def _write(
     resolved: dict[str, str],
     progress: bool,
     ranks: RankInfo,
+    lease: Lease | None = None,
 ) -> HarvestResult:
     """The harvest proper: packed contexts, then one process's loop or this rank's part of several."""
     contexts = _contexts(cfg, model)  # refuses a dataset too small for one context before making a store
     capture = Capture(model, resolved, hooklib.stop_layer(cfg.hooks, model.n_layers), cfg)
     if ranks.world > 1:
-        run = write_ranked(out, settings, cfg, capture, contexts, progress, ranks)
+        run = write_ranked(out, settings, cfg, capture, contexts, progress, ranks, lease)
         T = cfg.context_size
         n = run.n_contexts
         return HarvestResult(out, n, n * T, run.written * T, run.seconds, run.already_complete)
-    return _one_process(out, settings, cfg, capture, contexts, progress)
+    return _one_process(out, settings, cfg, capture, contexts, progress, lease)
 
 
 def _contexts(cfg: HarvestConfig, model: LoadedModel) -> Iterator[np.ndarray]:
@@ -209,9 +210,10 @@ def _one_process(
     capture: Capture,
     contexts: Iterator[np.ndarray],
     progress: bool,
+    lease: Lease | None,
 ) -> HarvestResult:
     """Shards in order from the commit point; each is written and committed behind the next one's forward."""
-    writer = StoreWriter(out, settings)
+    writer = StoreWriter(out, settings, lease=lease)
     T = cfg.context_size
     repaired = _repair(out, writer, cfg, capture) if cfg.repair else 0
     if writer.complete:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from saepipe.harvest.capture import Capture, Shard
 from saepipe.harvest.corpus import shard_tokens
+from saepipe.harvest.lease import Lease
 from saepipe.harvest.overlap import Behind, ahead
 from saepipe.harvest.store import StoreWriter, shard_stats
 
@@ -114,13 +115,14 @@ def write_ranked(
     contexts: Iterator[np.ndarray],
     progress: bool,
     ranks: RankInfo,
+    lease: Lease | None = None,
 ) -> RankedRun:
-    """This rank's shards, in order; rank 0 (under the store's lease) commits every rank's shards."""
+    """This rank's shards, in order; rank 0 (under the store's `lease`) commits every rank's shards."""
     job = _job_id()
     markers = Markers(out)
     if ranks.rank > 0:
         _wait_for_go(markers, job)
-    writer = StoreWriter(out, settings, owner=ranks.rank == 0)
+    writer = StoreWriter(out, settings, owner=ranks.rank == 0, lease=lease)
     if ranks.rank == 0:
         markers.put_go(job)
     if writer.complete:
