@@ -39,20 +39,24 @@ def ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     out: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        """Hand `item` over; False once the consumer has left (then nothing may block on a full queue)."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            out.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # handed to the consumer, which raises it
-            out.put(e)
+            put(e)
 
     thread = threading.Thread(target=produce, daemon=True, name="saepipe-pack")
     thread.start()

@@ -122,3 +122,13 @@ def test_ahead_stays_bounded_and_stops_when_closed():
     n = len(produced)
     time.sleep(0.3)
     assert len(produced) == n  # the producer stopped
+
+
+def test_ahead_leaves_no_thread_behind_when_closed_after_the_producer_finished():
+    # The producer has yielded everything and waits to hand over its end marker into a full queue; closing
+    # the consumer must let it go instead of leaving it blocked (and the close waiting for it).
+    it = ahead(iter(range(2)), depth=1)
+    assert next(it) == 0
+    time.sleep(0.3)  # the producer is done with its items: 1 queued, the end marker waiting behind it
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "saepipe-pack" and t.is_alive()]
