@@ -25,7 +25,7 @@ import numpy as np
 
 from saepipe.errors import SaepipeError
 from saepipe.harvest.models import saepipe_home
-from saepipe.harvest.store import ACTS, _open_group, open_store, store_exists
+from saepipe.harvest.store import ACTS, _open_group, from_stored, open_store, store_exists
 
 _ENTRY = re.compile(r"[0-9a-f]{20}-[0-9]+")
 
@@ -134,7 +134,7 @@ def find_damage(url: str) -> list[Damage]:
                 continue
             try:
                 block = arr[start:stop]
-                if not np.issubdtype(block.dtype, np.integer) and not np.isfinite(block).all():
+                if name != "tokens" and not np.isfinite(from_stored(block, s.dtype)).all():
                     damaged.append(Damage(name, start, stop, start // per, "non-finite values"))
             except Exception as e:  # checksum mismatch, undecodable bytes
                 damaged.append(Damage(name, start, stop, start // per, type(e).__name__))

@@ -47,8 +47,10 @@ class HarvestConfig(StageConfig):
     """Contexts per Zarr chunk (the unit a reader fetches and the trainer shuffles)."""
     chunks_per_shard: int = Field(8, gt=0)
     """Chunks per shard file (the unit written and committed at once)."""
-    dtype: Literal["float16", "float32"] = "float16"
-    """Storage dtype of activations; float16 overflow to inf is detected and refused."""
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of activations. float16 keeps the most precision per byte but tops out at 65504: a
+    value past it is refused with a count, never stored as inf; bfloat16 has float32's range in 2 bytes
+    (8-bit mantissa), float32 is exact."""
     compression: Literal["none", "zstd"] = "none"
     """Chunk compression; residual activations compress only ~1.07x, so the default is none."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"

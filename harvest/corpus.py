@@ -20,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -195,13 +196,30 @@ def _rows(ds: Any, dataset: str) -> Iterator[dict]:
         ) from None
 
 
+def _next_docs(texts: Iterator[str], max_docs: int, max_chars: int) -> list[str]:
+    """The next documents to tokenize in one call: up to `max_docs`, or fewer once `max_chars` are taken
+    (whole plays are ~150k characters: 64 of them would tokenize the whole default corpus up front)."""
+    docs: list[str] = []
+    chars = 0
+    while len(docs) < max_docs and chars < max_chars and (doc := next(texts, None)) is not None:
+        docs.append(doc)
+        chars += len(doc)
+    return docs
+
+
 def pack_contexts(
-    texts: Iterable[str], tokenizer: Any, context_size: int, prepend_bos: bool, docs_per_call: int = 64
+    texts: Iterable[str],
+    tokenizer: Any,
+    context_size: int,
+    prepend_bos: bool,
+    docs_per_call: int = 64,
+    chars_per_call: int = 1 << 18,
 ) -> Iterator[np.ndarray]:
     """Yield int32 contexts of `context_size` tokens, documents joined by EOS, BOS at position 0.
 
-    Deterministic: the same texts and tokenizer always give the same contexts, which is what lets a
-    killed harvest skip what it already committed and continue.
+    Deterministic: the same texts and tokenizer always give the same contexts (however the documents are
+    grouped into tokenizer calls), which is what lets a killed harvest skip what it already committed and
+    continue.
     """
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prepend_bos and bos is None:
@@ -211,13 +229,42 @@ def pack_contexts(
     head = np.array([bos] if prepend_bos else [], dtype=np.int32)
     buf = np.zeros(0, dtype=np.int32)
     it = iter(texts)
-    while batch := list(itertools.islice(it, docs_per_call)):
+    while batch := _next_docs(it, docs_per_call, chars_per_call):
         ids = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         buf = np.concatenate([buf, *(np.asarray(x + sep, dtype=np.int32) for x in ids)])
         n = len(buf) // body
         for i in range(n):
             yield np.concatenate([head, buf[i * body : (i + 1) * body]])
         buf = buf[n * body :]
+
+
+@dataclass(frozen=True)
+class ShardTokens:
+    """One shard's contexts, cut from the packed stream on the shard grid."""
+
+    shard: int
+    start: int
+    """First context: shard * contexts per shard."""
+    tokens: np.ndarray  # [n, context_size] int32 (n = 0: nothing left)
+    short: bool
+    """The dataset ran out in this shard (no later shard has any contexts)."""
+
+
+def shard_tokens(
+    contexts: Iterator[np.ndarray], shards: Iterable[int], per: int, target: int
+) -> Iterator[ShardTokens]:
+    """The contexts of `shards` (ascending) of `per` contexts each, among the first `target` contexts of
+    `contexts` (which starts at context 0); stops after the first short shard."""
+    position = 0
+    for shard in shards:
+        start = shard * per
+        want = min(per, target - start)
+        rows = list(itertools.islice(contexts, start - position, start - position + want))
+        position = start + len(rows)
+        tokens = np.stack(rows) if rows else np.zeros((0, 0), dtype=np.int32)
+        yield ShardTokens(shard, start, tokens, len(rows) < want)
+        if len(rows) < want:
+            return
 
 
 def heldout_contexts(store: Any, tokenizer: Any, n: int, dataset: str | None = None) -> np.ndarray:

@@ -1,17 +1,24 @@
 """The harvest loop: packed contexts -> truncated forward with hooks -> whole shards -> commit.
 
-Batches always start at a shard boundary, so a resumed run feeds the model exactly the batches an
-uninterrupted run would, and the finished store is byte-identical.
+Three things run at once so that the forward never waits for the store (issue 18): contexts are packed a
+shard or two ahead in one thread (`overlap.ahead`), the model runs in the calling thread (`capture`), and
+each shard is checked, written and committed in a writer thread while the next shard's forward runs
+(`overlap.Behind`, one shard in flight). Batches always start at a shard boundary, so a resumed run feeds
+the model exactly the batches an uninterrupted run would, and the finished store is byte-identical.
+
+This module is the one-process harvest; several processes under a launcher share the same pieces in
+`ranks.write_ranked`, which adds who computes which shard and how rank 0 commits them.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import itertools
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +29,14 @@ from tqdm import tqdm
 from saepipe.errors import SaepipeError
 from saepipe.harvest import hooks as hooklib
 from saepipe.harvest.cache import cache_root, locate
+from saepipe.harvest.capture import Capture, Shard
 from saepipe.harvest.config import HarvestConfig
-from saepipe.harvest.corpus import dataset_fingerprint, iter_texts, pack_contexts
+from saepipe.harvest.corpus import dataset_fingerprint, iter_texts, pack_contexts, shard_tokens
 from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
-from saepipe.harvest.ranks import Markers, RankInfo, rank_info, shards_for_rank
-from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, shard_stats, store_exists
+from saepipe.harvest.overlap import Behind, ahead
+from saepipe.harvest.ranks import RankInfo, rank_info, write_ranked
+from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, store_exists
 
 
 @dataclass(frozen=True)
@@ -105,43 +114,6 @@ def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
     }
 
 
-def _to_storage(x: torch.Tensor, dtype: str, hook: str, ctx0: int) -> np.ndarray:
-    if not torch.isfinite(x).all():
-        bad = int(torch.nonzero(~torch.isfinite(x).flatten(1).all(1))[0])
-        raise SaepipeError(
-            f"the model produced NaN/inf at hook {hook} in context {ctx0 + bad}; check the model weights"
-        )
-    y = x.to(torch.float16 if dtype == "float16" else torch.float32)
-    if not torch.isfinite(y).all():
-        bad = int(torch.nonzero(~torch.isfinite(y).flatten(1).all(1))[0])
-        raise SaepipeError(
-            f"activations at hook {hook} in context {ctx0 + bad} overflow {dtype}; rerun with --dtype float32 "
-            "into a new --out"
-        )
-    return y.cpu().numpy()
-
-
-@torch.inference_mode()
-def run_shard(
-    model: LoadedModel,
-    resolved: dict[str, str],
-    stop: int | None,
-    tokens: np.ndarray,
-    cfg: HarvestConfig,
-    ctx0: int,
-) -> dict[str, np.ndarray]:
-    """Activations of every hook for one shard's contexts, computed batch by batch from its start."""
-    device = next(model.bridge.original_model.parameters()).device
-    parts: dict[str, list[np.ndarray]] = {h: [] for h in resolved}
-    with hooklib.recording(model.bridge, resolved) as acts:
-        for b in range(0, len(tokens), cfg.batch_size):
-            batch = torch.from_numpy(tokens[b : b + cfg.batch_size]).long().to(device)
-            model.bridge(batch, return_type=None, stop_at_layer=stop)
-            for h in resolved:
-                parts[h].append(_to_storage(acts[h], cfg.dtype, h, ctx0 + b))
-    return {h: np.concatenate(p) for h, p in parts.items()}
-
-
 def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     """Harvest `cfg.tokens` tokens into `cfg.out` (or the cache), resuming a store with the same settings.
 
@@ -204,7 +176,19 @@ def _write(
     ranks: RankInfo,
     lease: Lease | None = None,
 ) -> HarvestResult:
-    """The harvest proper: this rank's shards in order; rank 0 (under the lease) commits them all."""
+    """The harvest proper: packed contexts, then one process's loop or this rank's part of several."""
+    contexts = _contexts(cfg, model)  # refuses a dataset too small for one context before making a store
+    capture = Capture(model, resolved, hooklib.stop_layer(cfg.hooks, model.n_layers), cfg)
+    if ranks.world > 1:
+        run = write_ranked(out, settings, cfg, capture, contexts, progress, ranks, lease)
+        T = cfg.context_size
+        n = run.n_contexts
+        return HarvestResult(out, n, n * T, run.written * T, run.seconds, run.already_complete)
+    return _one_process(out, settings, cfg, capture, contexts, progress, lease)
+
+
+def _contexts(cfg: HarvestConfig, model: LoadedModel) -> Iterator[np.ndarray]:
+    """The packed contexts of the dataset from context 0; refuses a dataset without one whole context."""
     contexts = pack_contexts(
         iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column),
         model.tokenizer,
@@ -216,108 +200,52 @@ def _write(
         raise SaepipeError(
             f"--dataset {cfg.dataset} holds less text than one context of {cfg.context_size} tokens"
         )
-    contexts = itertools.chain([first], contexts)
+    return itertools.chain([first], contexts)
 
-    job = _job_id()
-    markers = Markers(out)
-    if ranks.rank > 0:
-        _wait_for_go(out, markers, job)
-    writer = StoreWriter(out, settings, owner=ranks.rank == 0, lease=lease)
-    if ranks.rank == 0 and ranks.world > 1:
-        markers.put_go(job)
+
+def _one_process(
+    out: str,
+    settings: dict,
+    cfg: HarvestConfig,
+    capture: Capture,
+    contexts: Iterator[np.ndarray],
+    progress: bool,
+    lease: Lease | None,
+) -> HarvestResult:
+    """Shards in order from the commit point; each is written and committed behind the next one's forward."""
+    writer = StoreWriter(out, settings, lease=lease)
     T = cfg.context_size
-    stop = hooklib.stop_layer(cfg.hooks, model.n_layers)
-    repaired = _repair(out, writer, cfg, model, resolved, stop) if cfg.repair else 0
+    repaired = _repair(out, writer, cfg, capture) if cfg.repair else 0
     if writer.complete:
         return HarvestResult(out, writer.n_contexts, writer.n_contexts * T, 0, 0.0, not repaired, repaired)
-    target = writer.settings["n_contexts_target"]
-    per = writer.shard_contexts
-    done0 = writer.n_contexts
-    t_loop = time.perf_counter()
+    target, per, done0 = writer.settings["n_contexts_target"], writer.shard_contexts, writer.n_contexts
+    first_pos = 1 if cfg.prepend_bos else 0
     bar = tqdm(
         total=target * T, initial=done0 * T, unit="tok", unit_scale=True, desc="harvest", disable=not progress
     )
-    first_pos = 1 if cfg.prepend_bos else 0
-    position, written = 0, 0
-    for shard in shards_for_rank(done0 // per, -(-target // per), ranks.rank, ranks.world):
-        start = shard * per
-        if ranks.world > 1 and markers.has(shard):
-            continue  # written by an earlier run of this job; rank 0 commits it from its marker
-        rows = list(itertools.islice(contexts, start - position, start - position + min(per, target - start)))
-        position = start + len(rows)
-        tokens = np.stack(rows) if rows else None
-        acts = run_shard(model, resolved, stop, tokens, cfg, start) if rows else {}
+
+    def write(shard: Shard) -> None:  # in the writer thread
         try:
-            if ranks.world == 1:
-                if not rows:
-                    break  # the dataset ran out before the target
-                writer.write_shard(start, tokens, acts, first_pos)
-            else:
-                if rows:
-                    writer.write_data(start, tokens, acts)
-                markers.put(shard, len(rows), shard_stats(acts, first_pos))
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise
-            raise SaepipeError(
-                f"store {out}: {e.strerror} while writing contexts [{start}, {start + len(rows)}) "
-                f"({writer.n_contexts} of {target} committed and intact); free space, then rerun the same command "
-                "to resume"
-            ) from None
-        written += len(rows)
-        if ranks.rank == 0 and ranks.world > 1:
-            _commit_ready(writer, markers, per)
-        bar.update(len(rows) * T * (ranks.world if ranks.world > 1 else 1))
-        if len(rows) < min(per, target - start):
-            break  # the dataset ran out: later shards would be empty too
-    if ranks.rank > 0:
-        return HarvestResult(
-            out, writer.n_contexts, written * T, written * T, time.perf_counter() - t_loop, False
-        )
-    while ranks.world > 1 and not _commit_ready(writer, markers, per):
-        time.sleep(0.2)  # the other ranks' shards
+            acts = shard.arrays(cfg.dtype)  # refuses NaN/inf and overflow
+            with writer.out_of_space(shard.start, len(shard.tokens)):
+                writer.write_shard(shard.start, shard.tokens, acts, first_pos)  # data, then the commit
+        finally:
+            shard.done()
+        bar.update(len(shard.tokens) * T)
+
+    t0 = time.perf_counter()
+    packed = ahead(shard_tokens(contexts, range(done0 // per, -(-target // per)), per, target))
+    with contextlib.closing(packed), Behind() as behind:
+        for part in packed:
+            if len(part.tokens):
+                behind.submit(write, capture.run(part.start, part.tokens))
     bar.close()
-    markers.clear()
     writer.finish()
     n = writer.n_contexts
-    return HarvestResult(out, n, n * T, (n - done0) * T, time.perf_counter() - t_loop, False, repaired)
+    return HarvestResult(out, n, n * T, (n - done0) * T, time.perf_counter() - t0, False, repaired)
 
 
-def _commit_ready(writer: StoreWriter, markers: Markers, per: int) -> bool:
-    """Commit, in order, every shard whose marker is there; True once nothing is left to commit."""
-    target = writer.settings["n_contexts_target"]
-    while writer.n_contexts < target:
-        shard = writer.n_contexts // per
-        marker = markers.get(shard)
-        if marker is None:
-            return False
-        if marker["rows"]:
-            writer.commit(marker["rows"], marker["stats"])
-        if marker["rows"] < min(per, target - shard * per):
-            return True  # the dataset ran out here
-    return True
-
-
-def _job_id() -> str:
-    """Names one launch of a multi-process harvest, so ranks ignore a go-ahead left by a killed one."""
-    env = os.environ
-    return env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
-
-
-def _wait_for_go(out: str, markers: Markers, job: str) -> None:
-    """Non-zero ranks start writing only after rank 0 has opened (or created) the store under its lease."""
-    while markers.go() != job:
-        time.sleep(0.2)
-
-
-def _repair(
-    out: str,
-    writer: StoreWriter,
-    cfg: HarvestConfig,
-    model: LoadedModel,
-    resolved: dict[str, str],
-    stop: int | None,
-) -> int:
+def _repair(out: str, writer: StoreWriter, cfg: HarvestConfig, capture: Capture) -> int:
     """Recompute the committed shards that hold damage; batches start at shard boundaries as in the first
     run, so the repaired shard files are byte-identical to undamaged ones."""
     from saepipe.harvest.cache import find_damage
@@ -327,7 +255,7 @@ def _repair(
         return 0
     contexts = pack_contexts(
         iter_texts(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_column),
-        model.tokenizer,
+        capture.model.tokenizer,
         cfg.context_size,
         cfg.prepend_bos,
     )
@@ -340,8 +268,11 @@ def _repair(
             raise SaepipeError(
                 f"--repair: --dataset {cfg.dataset} no longer yields the store's contexts; re-harvest"
             )
-        tokens = np.stack(rows)
-        writer.rewrite_shard(shard, tokens, run_shard(model, resolved, stop, tokens, cfg, start))
+        computed = capture.run(start, np.stack(rows))
+        try:
+            writer.rewrite_shard(shard, computed.tokens, computed.arrays(cfg.dtype))
+        finally:
+            computed.done()
     if left := find_damage(out):
         raise SaepipeError(
             f"store {out} is still damaged after --repair ({left[0]}); re-harvest into a new --out"

@@ -6,15 +6,31 @@ partial statistics in `<store>/.pending/`. Rank 0 holds the store's lease and co
 order from those markers, so the store never claims a shard that is not fully written and ends with the
 same bytes as a one-process harvest (the markers are removed when it completes). No process group is
 needed: the markers are the only channel, on a local disk or an object store alike.
+
+Each rank overlaps like the one-process harvest (harvester.py): packing runs ahead, and a shard's write,
+its marker and (on rank 0) the commits of every shard that is ready run in the writer thread behind the
+next shard's forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
+import numpy as np
+from tqdm import tqdm
+
+from saepipe.harvest.capture import Capture, Shard
+from saepipe.harvest.corpus import shard_tokens
+from saepipe.harvest.lease import Lease
+from saepipe.harvest.overlap import Behind, ahead
+from saepipe.harvest.store import StoreWriter, shard_stats
 
 PENDING = ".pending"
 
@@ -79,3 +95,103 @@ class Markers:
             return json.loads(self.fs.cat_file(f"{self.dir}/go.json"))["job"]
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return None
+
+
+@dataclass(frozen=True)
+class RankedRun:
+    n_contexts: int
+    """Contexts committed in the store (as rank 0 last saw it on a non-zero rank)."""
+    written: int
+    """Contexts this rank computed and wrote in this run."""
+    seconds: float
+    already_complete: bool = False
+
+
+def write_ranked(
+    out: str,
+    settings: dict,
+    cfg: Any,
+    capture: Capture,
+    contexts: Iterator[np.ndarray],
+    progress: bool,
+    ranks: RankInfo,
+    lease: Lease | None = None,
+) -> RankedRun:
+    """This rank's shards, in order; rank 0 (under the store's `lease`) commits every rank's shards."""
+    job = _job_id()
+    markers = Markers(out)
+    if ranks.rank > 0:
+        _wait_for_go(markers, job)
+    writer = StoreWriter(out, settings, owner=ranks.rank == 0, lease=lease)
+    if ranks.rank == 0:
+        markers.put_go(job)
+    if writer.complete:
+        return RankedRun(writer.n_contexts, 0, 0.0, already_complete=True)
+    target, per, T = writer.settings["n_contexts_target"], writer.shard_contexts, cfg.context_size
+    first_pos = 1 if cfg.prepend_bos else 0
+    bar = tqdm(total=target * T, initial=writer.n_contexts * T, unit="tok", unit_scale=True, desc="harvest",
+               disable=not (progress and ranks.rank == 0))  # fmt: skip
+    written = 0
+
+    def write(shard: int, part: Shard | None) -> None:  # in the writer thread
+        nonlocal written
+        rows = 0 if part is None else len(part.tokens)
+        stats = {}
+        if part is not None:
+            try:
+                acts = part.arrays(cfg.dtype)
+                with writer.out_of_space(part.start, rows):
+                    writer.write_data(part.start, part.tokens, acts)
+                stats = shard_stats(acts, first_pos, cfg.dtype)
+            finally:
+                part.done()
+        markers.put(shard, rows, stats)  # after the data: rank 0 commits what a marker announces
+        written += rows
+        if ranks.rank == 0:
+            _commit_ready(writer, markers, per)
+        bar.update(rows * T * ranks.world)
+
+    t0 = time.perf_counter()
+    # A shard with a marker was written by an earlier run of this job; rank 0 commits it from the marker.
+    todo = shards_for_rank(writer.n_contexts // per, -(-target // per), ranks.rank, ranks.world)
+    mine = [s for s in todo if not markers.has(s)]
+    packed = ahead(shard_tokens(contexts, mine, per, target))
+    with contextlib.closing(packed), Behind() as behind:
+        for part in packed:
+            computed = capture.run(part.start, part.tokens) if len(part.tokens) else None
+            behind.submit(write, part.shard, computed)
+    if ranks.rank > 0:
+        return RankedRun(writer.n_contexts, written, time.perf_counter() - t0)
+    while not _commit_ready(writer, markers, per):
+        time.sleep(0.2)  # the other ranks' shards
+    bar.close()
+    markers.clear()
+    writer.finish()
+    return RankedRun(writer.n_contexts, written, time.perf_counter() - t0)
+
+
+def _commit_ready(writer: StoreWriter, markers: Markers, per: int) -> bool:
+    """Commit, in order, every shard whose marker is there; True once nothing is left to commit."""
+    target = writer.settings["n_contexts_target"]
+    while writer.n_contexts < target:
+        shard = writer.n_contexts // per
+        marker = markers.get(shard)
+        if marker is None:
+            return False
+        if marker["rows"]:
+            writer.commit(marker["rows"], marker["stats"])
+        if marker["rows"] < min(per, target - shard * per):
+            return True  # the dataset ran out here
+    return True
+
+
+def _job_id() -> str:
+    """Names one launch of a multi-process harvest, so ranks ignore a go-ahead left by a killed one."""
+    env = os.environ
+    return env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+
+
+def _wait_for_go(markers: Markers, job: str) -> None:
+    """Non-zero ranks start writing only after rank 0 has opened (or created) the store under its lease."""
+    while markers.go() != job:
+        time.sleep(0.2)

@@ -1,10 +1,17 @@
 """The activation store: a Zarr v3 group that every later stage reads. This module is its contract.
 
-Layout (format `saepipe.activations`, schema version 1; see harvest/README.md for a reader without saepipe):
+Layout (format `saepipe.activations`, schema version 1, or 2 for bfloat16 stores; see harvest/README.md for a
+reader without saepipe):
 
     zarr.json                      group; attributes["saepipe"] holds the metadata below
     tokens                         int32  [n_contexts_target, context_size]
     activations/<hook name>        dtype  [n_contexts_target, context_size, d_model], one array per hook
+
+`dtype` is float16 or float32, stored natively. Zarr v3 has no bfloat16 data type, so a `bfloat16` store
+keeps each value's bit pattern in a uint16 array (the high 16 bits of the float32 with the same value; the
+array's attributes say `{"saepipe": {"dtype": "bfloat16"}}`) and is written with schema version 2, so that
+an older saepipe refuses it ("upgrade saepipe") instead of misreading it; float16 and float32 stores keep
+version 1. Readers get bfloat16 activations as float32 (exact), through `ActivationStore.activations`.
 
 Every array is chunked along contexts only (`contexts_per_chunk` contexts a chunk) and stored with the
 sharding codec (`chunks_per_shard` chunks a shard file); each chunk carries a crc32c checksum so a flipped
@@ -28,6 +35,8 @@ value) and names the first chunk whose checksum fails. `saepipe cache verify` ch
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,8 +51,41 @@ from saepipe.errors import SaepipeError
 from saepipe.harvest.lease import Lease
 
 FORMAT = "saepipe.activations"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The newest schema this module reads; it writes version 1 unless the store needs 2 (`schema_version`)."""
 ACTS = "activations"
+STORED_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+"""Storage dtype name -> the Zarr data type that holds it (bfloat16: its bit patterns)."""
+
+
+def schema_version(dtype: str) -> int:
+    """Version 2 only adds the bfloat16 representation; other stores stay readable by older readers."""
+    return 2 if dtype == "bfloat16" else 1
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values -> uint16 bfloat16 bit patterns, rounded to nearest even (as torch and CUDA round);
+    NaN stays NaN, values past bfloat16's range become inf."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    bits = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    bits[nan] = (u[nan] >> 16).astype(np.uint16) | 0x40  # quiet NaN, sign kept
+    return bits
+
+
+def from_stored(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Activations as read from a store of `dtype` -> float values (bfloat16 bits -> float32, exact)."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw
+
+
+def to_stored(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Activations -> a store's representation: for bfloat16, uint16 bits pass as they are and float values
+    are rounded (`bfloat16_bits`); float16/float32 stores take their values as given."""
+    if dtype == "bfloat16" and a.dtype != np.uint16:
+        return bfloat16_bits(a)
+    return a
 
 
 @dataclass(frozen=True)
@@ -116,12 +158,15 @@ class ActivationStore:
         try:
             expected = {"tokens": ((s["context_size"],), "int32")}
             expected.update(
-                {f"{ACTS}/{h}": ((s["context_size"], s["model"]["d_model"]), s["dtype"]) for h in s["hooks"]}
+                {
+                    f"{ACTS}/{h}": ((s["context_size"], s["model"]["d_model"]), STORED_DTYPES[s["dtype"]])
+                    for h in s["hooks"]
+                }
             )
             target = int(s["n_contexts_target"])
         except (KeyError, TypeError, ValueError) as e:
             raise SaepipeError(
-                f"store {self.path}: zarr.json metadata is damaged (settings lack {e}); re-harvest"
+                f"store {self.path}: zarr.json metadata is damaged (settings lack or garble {e}); re-harvest"
             ) from None
         if not isinstance(n, int) or not 0 <= n <= target:
             raise SaepipeError(
@@ -169,6 +214,11 @@ class ActivationStore:
     def n_tokens(self) -> int:
         return self.n_contexts * self.context_size
 
+    @property
+    def dtype(self) -> str:
+        """Storage dtype: float16, float32 or bfloat16 (read back as float32)."""
+        return str(self.settings["dtype"])
+
     def refresh(self) -> None:
         """Re-read the metadata (to follow a store that is still being written)."""
         self.group = _open_group(self.path, "r", self.storage_options)
@@ -191,11 +241,11 @@ class ActivationStore:
         return self._read("tokens", start, stop)
 
     def activations(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Activations [stop - start, context_size, d_model] in the store's dtype."""
+        """Activations [stop - start, context_size, d_model] in the store's dtype (float32 for bfloat16)."""
         stop = self.n_contexts if stop is None else stop
         self._check(start, stop)
         self._array(hook)
-        return self._read(f"{ACTS}/{hook}", start, stop)
+        return from_stored(self._read(f"{ACTS}/{hook}", start, stop), self.dtype)
 
     def shard_key(self, name: str, shard: int) -> str:
         return shard_key(name, shard)
@@ -289,10 +339,11 @@ class StoreWriter:
         if store_exists(path, storage_options):
             self.group = _open_group(path, "r+", storage_options)
             meta = dict(self.group.attrs)["saepipe"]
-            if meta.get("schema_version") != SCHEMA_VERSION:
+            version = schema_version(settings["dtype"])
+            if meta.get("schema_version") != version:
                 raise SaepipeError(
                     f"store {path} has schema version {meta.get('schema_version')}; this saepipe writes "
-                    f"{SCHEMA_VERSION}; harvest into a new --out"
+                    f"{version}; harvest into a new --out"
                 )
             _refuse_different(path, meta["settings"], settings)
             self.meta = meta
@@ -325,14 +376,17 @@ class StoreWriter:
             "tokens", shape=(n, T), chunks=(c, T), shards=(shard, T), dtype="int32", **common
         )
         acts = self.group.create_group(ACTS)
+        # Only bfloat16 arrays carry attributes, so float16/float32 stores keep their version-1 bytes.
+        attrs = {"attributes": {"saepipe": {"dtype": "bfloat16"}}} if s["dtype"] == "bfloat16" else {}
         for hook in s["hooks"]:
             acts.create_array(
-                hook, shape=(n, T, D), chunks=(c, T, D), shards=(shard, T, D), dtype=s["dtype"], **common
-            )
+                hook, shape=(n, T, D), chunks=(c, T, D), shards=(shard, T, D), dtype=STORED_DTYPES[s["dtype"]],
+                **common, **attrs,
+            )  # fmt: skip
         zero = {"count": 0, "mean": [0.0] * D, "mean_sq_norm": 0.0}
         meta = {
             "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": schema_version(s["dtype"]),
             "settings": s,
             "n_contexts": 0,
             "complete": False,
@@ -352,22 +406,41 @@ class StoreWriter:
         """Write contexts [start, start + len(tokens)) and commit them with updated statistics.
 
         `start` must be the committed count (shards are written in order); `first_pos` is the first
-        position counted in the statistics (1 when position 0 is BOS).
+        position counted in the statistics (1 when position 0 is BOS). `acts` as for `write_data`.
         """
         if start != self.n_contexts or start % self.shard_contexts:
             raise ValueError(f"shard start {start} is not the commit point {self.n_contexts}")
+        acts = {h: to_stored(a, self.settings["dtype"]) for h, a in acts.items()}
         self.write_data(start, tokens, acts)
-        self.commit(len(tokens), shard_stats(acts, first_pos))
+        self.commit(len(tokens), shard_stats(acts, first_pos, self.settings["dtype"]))
 
     def write_data(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
-        """Write one shard's arrays without committing them (a multi-process harvest commits later)."""
+        """Write one shard's arrays without committing them (a multi-process harvest commits later).
+
+        `acts` {hook: [n, context_size, d_model]} in the store's dtype; a bfloat16 store takes uint16 bits
+        or float values (rounded to nearest even, see `to_stored`)."""
         if start % self.shard_contexts:
             raise ValueError(f"shard start {start} is not on the shard grid")
         self._check_lease()
         stop = start + len(tokens)
         self.group["tokens"][start:stop] = tokens
         for hook, a in acts.items():
-            self.group[f"{ACTS}/{hook}"][start:stop] = a
+            self.group[f"{ACTS}/{hook}"][start:stop] = to_stored(a, self.settings["dtype"])
+
+    @contextlib.contextmanager
+    def out_of_space(self, start: int, n_rows: int) -> Iterator[None]:
+        """Turn a full disk (or quota) while writing contexts [start, start + n_rows) into a one-line error
+        that says the committed contexts are intact and how to resume."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise SaepipeError(
+                f"store {self.path}: {e.strerror} while writing contexts [{start}, {start + n_rows}) "
+                f"({self.n_contexts} of {self.settings['n_contexts_target']} committed and intact); free space, "
+                "then rerun the same command to resume"
+            ) from None
 
     def commit(self, n_rows: int, stats: dict[str, dict]) -> None:
         """Commit the next `n_rows` contexts (already written) with their shard statistics."""
@@ -394,7 +467,7 @@ class StoreWriter:
         stop = start + len(tokens)
         self.group["tokens"][start:stop] = tokens
         for hook, a in acts.items():
-            self.group[f"{ACTS}/{hook}"][start:stop] = a
+            self.group[f"{ACTS}/{hook}"][start:stop] = to_stored(a, self.settings["dtype"])
 
     def finish(self) -> None:
         """Shrink the arrays to what was committed (the dataset may run out early) and mark complete."""
@@ -416,15 +489,25 @@ def _remove_partials(path: str) -> None:
             p.unlink(missing_ok=True)
 
 
-def shard_stats(acts: dict[str, np.ndarray], first_pos: int) -> dict[str, dict]:
-    """Per hook: count, float64 sum vector and sum of squared norms of one shard (BOS excluded).
+def shard_stats(
+    acts: dict[str, np.ndarray], first_pos: int, dtype: str, block_rows: int = 1024
+) -> dict[str, dict]:
+    """Per hook: count, float64 sum vector and sum of squared norms of one shard (BOS excluded); `acts` in
+    the representation of a `dtype` store.
 
     Statistics are always folded in shard by shard from these partial sums, so a store committed by one
-    process and one committed from several processes' shards carry the same bytes."""
+    process and one committed from several processes' shards carry the same bytes. Summed in float64 over
+    blocks of `block_rows` rows in a fixed order (deterministic, and ~2x faster than one float64 copy of
+    the whole shard, which the harvest's writer thread would otherwise spend its time allocating)."""
     out = {}
     for hook, a in acts.items():
-        x = a[:, first_pos:].reshape(-1, a.shape[-1]).astype(np.float64)
-        out[hook] = {"count": x.shape[0], "sum": x.sum(axis=0).tolist(), "sum_sq": float((x * x).sum())}
+        x = a[:, first_pos:].reshape(-1, a.shape[-1])
+        total, sum_sq = np.zeros(x.shape[1], dtype=np.float64), 0.0
+        for i in range(0, len(x), block_rows):
+            b = from_stored(x[i : i + block_rows], dtype).astype(np.float64)
+            total += b.sum(axis=0)
+            sum_sq += float(np.einsum("ij,ij->", b, b))
+        out[hook] = {"count": x.shape[0], "sum": total.tolist(), "sum_sq": sum_sq}
     return out
 
 

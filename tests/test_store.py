@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 import zarr
 
 from saepipe.harvest import open_store
-from saepipe.harvest.store import FORMAT, SCHEMA_VERSION
+from saepipe.harvest.store import FORMAT, schema_version
 
 
 def test_store_matches_direct_forward(tiny_store, tiny_model_dir):
@@ -48,7 +52,7 @@ def test_readable_by_plain_zarr(tiny_store):
     """Another Zarr v3 client needs nothing from saepipe: the documented names, shapes and attributes."""
     g = zarr.open_group(str(tiny_store), mode="r", zarr_format=3)
     meta = g.attrs["saepipe"]
-    assert meta["format"] == FORMAT and meta["schema_version"] == SCHEMA_VERSION
+    assert meta["format"] == FORMAT and meta["schema_version"] == schema_version("float32") == 1
     n = meta["n_contexts"]
     acts = g["activations/blocks.0.hook_resid_post"]
     assert acts.shape == (n, meta["settings"]["context_size"], meta["settings"]["model"]["d_model"])
@@ -66,3 +70,75 @@ def test_iter_token_rows_addresses(tiny_store):
         np.testing.assert_array_equal(acts, full[addr[:, 0], addr[:, 1]])
         seen += len(acts)
     assert seen == 40 * 31
+
+
+def test_bfloat16_bits_round_like_torch():
+    """The store's own float32 -> bfloat16 rounding (numpy bit arithmetic) against torch's cast."""
+    from saepipe.harvest.store import bfloat16_bits, from_stored
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.standard_normal(100_000).astype(np.float32)
+            * np.float32(10.0) ** rng.integers(-40, 37, 100_000),
+            np.array(
+                [0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.4e38, -3.4e38, 1e-45, np.inf, -np.inf, np.nan],
+                np.float32,
+            ),
+        ]
+    ).astype(np.float32)  # fmt: skip  (ties at 1 + 2^-8 and 1 + 3 * 2^-8 round to even both ways)
+    want = torch.from_numpy(x).to(torch.bfloat16)
+    got = bfloat16_bits(x)
+    finite = np.isfinite(x)
+    np.testing.assert_array_equal(got[finite], want.view(torch.int16).numpy().view(np.uint16)[finite])
+    np.testing.assert_array_equal(from_stored(got, "bfloat16")[finite], want.float().numpy()[finite])
+    back = from_stored(got, "bfloat16")
+    assert np.isnan(back[np.isnan(x)]).all() and (back[np.isinf(x)] == x[np.isinf(x)]).all()
+    assert np.isinf(
+        from_stored(bfloat16_bits(np.array([3.4e38], np.float32)), "bfloat16")
+    ).all()  # past bf16 max
+
+
+@pytest.fixture(scope="module")
+def bf16_store(tmp_path_factory, tiny_model_dir, small_corpus) -> Path:
+    from saepipe.harvest.config import HarvestConfig
+    from saepipe.harvest.harvester import harvest
+
+    out = tmp_path_factory.mktemp("stores") / "bf16"
+    cfg = HarvestConfig(out=str(out), model=str(tiny_model_dir), dataset=str(small_corpus),
+                        hooks=["blocks.1.hook_resid_post"], tokens=16 * 32, context_size=32, batch_size=4,
+                        contexts_per_chunk=4, chunks_per_shard=2, dtype="bfloat16", device="cpu")  # fmt: skip
+    harvest(cfg, progress=False)
+    return out
+
+
+def test_bfloat16_store_is_uint16_bits_readable_by_plain_zarr(bf16_store, tiny_store):
+    """The documented representation (harvest/README.md): uint16 bit patterns, an array attribute saying
+    so, schema version 2; decoded by hand they are the tiny model's float32 activations rounded once."""
+    hook = "blocks.1.hook_resid_post"
+    g = zarr.open_group(str(bf16_store), mode="r", zarr_format=3)
+    assert g.attrs["saepipe"]["schema_version"] == 2
+    raw = g[f"activations/{hook}"]
+    assert str(raw.dtype) == "uint16" and raw.attrs["saepipe"] == {"dtype": "bfloat16"}
+    by_hand = (raw[:].astype(np.uint32) << 16).view(np.float32)  # the README's recipe
+    store = open_store(str(bf16_store))
+    np.testing.assert_array_equal(store.activations(hook), by_hand)
+    f32 = open_store(str(tiny_store)).activations(hook, 0, 16)  # same model, corpus, chunking, in float32
+    np.testing.assert_array_equal(by_hand, torch.from_numpy(f32).to(torch.bfloat16).float().numpy())
+    x = by_hand[:, 1:].reshape(-1, store.d_model).astype(np.float64)
+    s = store.stats(hook)
+    assert s.count == x.shape[0]
+    np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s.mean_sq_norm, (x * x).sum(1).mean(), rtol=1e-9)
+
+
+def test_cache_verify_sees_nan_in_bfloat16_bits(tmp_path, bf16_store):
+    from saepipe.harvest.cache import find_damage
+
+    store = tmp_path / "store"
+    shutil.copytree(bf16_store, store)
+    arr = zarr.open_array(str(store / "activations" / "blocks.1.hook_resid_post"), mode="r+")
+    arr[9, 3, 5] = 0x7FC0  # a bfloat16 NaN (a uint16 that is finite as an integer)
+    assert [str(d) for d in find_damage(str(store))] == [
+        "activations/blocks.1.hook_resid_post contexts [8, 12) (non-finite values)"
+    ]

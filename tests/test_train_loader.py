@@ -110,3 +110,23 @@ def test_two_stores_are_read_together(tiny_store, tmp_path):
     loader = ActivationLoader([str(tiny_store), other], HOOK, 16)
     addr, _ = epoch_addresses(loader, 0)
     assert set(addr[:, 0].tolist()) == {0, 1} and (addr[:, 0] == 1).sum() == 2 * 3
+
+
+def test_reads_a_bfloat16_store(tiny_store, tmp_path):
+    """A bfloat16 store (uint16 bits on disk) reaches the trainer as float32 rows: the float32 store's
+    values rounded to bfloat16 (torch's cast as the reference), each at its address."""
+    import torch
+
+    ref = open_store(str(tiny_store))
+    w = StoreWriter(str(tmp_path / "bf16"), {**ref.settings, "dtype": "bfloat16"})
+    per = w.shard_contexts
+    for a in range(0, ref.n_contexts, per):
+        b = min(a + per, ref.n_contexts)
+        w.write_shard(a, ref.tokens(a, b), {h: ref.activations(h, a, b) for h in ref.hooks}, first_pos=1)
+    w.finish()
+    loader = ActivationLoader([str(tmp_path / "bf16")], HOOK, 16, buffer_tokens=300)
+    addr, rows = epoch_addresses(loader, 0)
+    want = torch.from_numpy(ref.activations(HOOK)).to(torch.bfloat16).float().numpy()
+    assert rows.dtype == np.float32 and len(rows) == ref.n_contexts * (ref.context_size - 1)
+    np.testing.assert_array_equal(rows, want[addr[:, 1], addr[:, 2]])
+    assert not np.array_equal(rows, ref.activations(HOOK)[addr[:, 1], addr[:, 2]])  # really rounded
