@@ -11,8 +11,10 @@ swaps in another text source, packed from its start). Three forwards per batch, 
     zero      x -> 0
 
 Position 0 is left untouched in all three when the store has a BOS there: training never saw BOS
-activations (`iter_token_rows` drops them), and its huge norm would dominate every number. Losses are mean
-next-token cross-entropy over predictions made at spliced positions (the BOS position's own prediction is
+activations (`iter_token_rows` drops them), and its huge norm would dominate every number. So are the
+positions of tokens the SAE was trained without (`saepipe train --drop-special`: BOS/EOS ids wherever they
+occur, e.g. document separators; saepipe.analyze.inputs.excluded_tokens). Losses are mean next-token
+cross-entropy over predictions made from position `first` on (the BOS position's own prediction is
 identical in all three runs and is left out).
 
     loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)    1 = perfect, 0 = no better than zero
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from saepipe.analyze.config import EvaluateConfig
-from saepipe.analyze.inputs import open_inputs
+from saepipe.analyze.inputs import excluded_tokens, open_inputs
 from saepipe.errors import SaepipeError
 from saepipe.harvest.corpus import iter_texts, pack_contexts
 from saepipe.harvest.hooks import resolve_hooks
@@ -106,13 +108,14 @@ def heldout_contexts(
 
 @contextlib.contextmanager
 def replaced(
-    bridge: Any, point: str, fn: Callable[[torch.Tensor], torch.Tensor], first: int
+    bridge: Any, point: str, fn: Callable[[torch.Tensor], torch.Tensor], where: torch.Tensor
 ) -> Iterator[None]:
-    """Within the block, positions `first:` of hook `point` are replaced by `fn(x)`; removed in finally."""
+    """Within the block, the positions `where` [batch, T] bool of hook `point` are replaced by `fn` of
+    their rows [n, d]; the hook is removed in finally."""
 
     def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
         out = x.clone()
-        out[:, first:] = fn(x[:, first:]).to(x.dtype)
+        out[where] = fn(x[where]).to(x.dtype)
         return out
 
     with bridge.hooks(fwd_hooks=[(point, hook)]):  # TransformerBridge removes its hooks in a finally
@@ -154,37 +157,40 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
     point = resolve_hooks(bridge, [inp.hook])[inp.hook]
     tokens = heldout_contexts(store, model.tokenizer, cfg.contexts, cfg.dataset)
     first = 1 if store.settings["prepend_bos"] else 0
+    excluded = torch.tensor(excluded_tokens(sae.cfg, store), dtype=torch.long, device=device)
     sums = _Sums(int(sae.cfg["d_in"]), int(sae.cfg["d_sae"]), device)
 
-    def splice(x: torch.Tensor) -> torch.Tensor:
+    def splice(x: torch.Tensor) -> torch.Tensor:  # the spliced positions' rows [n, d]
         xf = x.float()
         z = sae.encode(xf)
         x_hat = sae.decode(z)
         sums.sq_err += float(((xf - x_hat) ** 2).sum(dtype=torch.float64))
-        sums.x_sum += xf.sum(dim=(0, 1), dtype=torch.float64)
+        sums.x_sum += xf.sum(dim=0, dtype=torch.float64)
         sums.x_sq += float((xf * xf).sum(dtype=torch.float64))
         active = z > 0
         sums.l0 += float(active.sum())
-        sums.n_tok += active.shape[0] * active.shape[1]
-        sums.ever_active |= active.flatten(0, 1).any(0)
+        sums.n_tok += active.shape[0]
+        sums.ever_active |= active.any(0)
         return x_hat
 
     bar = tqdm(total=len(tokens), unit="ctx", desc="evaluate", disable=not progress)
     for b in range(0, len(tokens), cfg.batch_size):
         batch = torch.from_numpy(tokens[b : b + cfg.batch_size]).long().to(device)
         target = batch[:, first + 1 :].reshape(-1)
+        where = ~torch.isin(batch, excluded)
+        where[:, :first] = False
 
         def log_probs(logits: torch.Tensor) -> torch.Tensor:
             return F.log_softmax(logits[:, first:-1].float(), dim=-1).flatten(0, 1)
 
         clean = log_probs(bridge(batch, return_type="logits"))
         sums.ce["clean"] += float(F.nll_loss(clean, target, reduction="sum"))
-        with replaced(bridge, point, splice, first):
+        with replaced(bridge, point, splice, where):
             spliced = log_probs(bridge(batch, return_type="logits"))
         sums.ce["spliced"] += float(F.nll_loss(spliced, target, reduction="sum"))
         sums.kl += float(F.kl_div(spliced, clean, log_target=True, reduction="sum"))
         del spliced
-        with replaced(bridge, point, torch.zeros_like, first):
+        with replaced(bridge, point, torch.zeros_like, where):
             zero = log_probs(bridge(batch, return_type="logits"))
         sums.ce["zero"] += float(F.nll_loss(zero, target, reduction="sum"))
         sums.n_pred += len(target)

@@ -1,7 +1,8 @@
 """The train stage's config: `saepipe train` flags and the `train:` section of pipelines.yaml.
 
-Several SAEs train from one pass over the stream: every combination of `--arch`, `--width` and `--k`
-(k only for architectures that take it) is one SAE, e.g. `--width 1024 --width 4096` trains two.
+Several SAEs train from one pass over the stream: every combination of `--arch`, `--width`, `--k`
+(k only for architectures that take it) and `--seed` is one SAE, e.g. `--width 1024 4096` trains two and
+`--width 512 --seed 0 1` two of one width from different initialisations (a stability baseline, issue 19).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_serializer, model_validator
 
 from saepipe.config import StageConfig
 
@@ -23,6 +24,8 @@ class SAESpec:
     width: int
     k: int | None
     hparams: dict[str, Any]
+    seed: int = 0
+    """Seed of this SAE's initialisation."""
 
 
 class TrainConfig(StageConfig):
@@ -72,10 +75,26 @@ class TrainConfig(StageConfig):
     starts (one process only; an exact resume is not promised, since the store grows meanwhile)."""
     drop_bos: bool = True
     """Skip position 0 when the store put a BOS token there (its norm is an outlier)."""
+    drop_special: bool = True
+    """Skip every position holding the tokenizer's BOS or EOS token (document separators; for chat models
+    also the chat template's turn markers when they are BOS/EOS, as in SmolLM2) or a --special-token-ids
+    token; `saepipe evaluate` then leaves those positions unspliced, like BOS."""
+    special_token_ids: list[int] = Field(default_factory=list)
+    """More token ids to treat as special (skipped with --drop-special), e.g. other chat-template tokens."""
+    drop_norm_above: float | None = Field(None, gt=0)
+    """Skip positions whose activation norm exceeds this multiple of the store's median norm (outlier
+    positions; `saepipe cache info` shows the norm distribution)."""
+    token_norm: bool = False
+    """Scale every activation to norm sqrt(d_model) before encoding and undo it after decoding (SAELens's
+    `constant_norm_rescale`); it cannot be folded into the weights, so the SAE dir's cfg.json says so."""
     buffer_tokens: int = Field(262_144, gt=0)
     """Size of the token mixing buffer: rows of this many tokens are shuffled together."""
-    seed: int = 0
-    """Seed for initialisation and the stream order."""
+    seed: list[int] = Field(default_factory=lambda: [0])
+    """Seed of the SAEs' initialisation; repeat for SAEs that differ only in it (names get -s<seed> after
+    the first). The stream order follows the first seed, so every seed sees the same batches."""
+    seed_widths: list[int] = Field(default_factory=list)
+    """Train the seeds after the first only at these widths (default: every width), e.g. a width ladder
+    with a second seed at its smallest width."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda; under a launcher each rank takes cuda:LOCAL_RANK."""
     autocast: Literal["none", "bfloat16"] = "none"
@@ -107,8 +126,19 @@ class TrainConfig(StageConfig):
             if k <= 0 or (any(ARCHITECTURES[a].uses_k for a in self.arch) and k > min(self.width)):
                 raise ValueError(f"--k {k} must be positive and at most the smallest --width")
         if len({s.name for s in self.specs()}) != len(self.specs()):
-            raise ValueError("an SAE is named twice; repeat --arch/--width/--k values only once")
+            raise ValueError("an SAE is named twice; repeat --arch/--width/--k/--seed values only once")
+        if not self.seed:
+            raise ValueError("give at least one --seed")
+        if missing := sorted(set(self.seed_widths) - set(self.width)):
+            raise ValueError(f"--seed-widths {missing[0]} is not one of the --width values")
+        if self.normalize and self.token_norm:
+            raise ValueError("--normalize and --token-norm exclude each other; choose one")
         return self
+
+    @field_serializer("seed")
+    def _one_seed_as_before(self, seed: list[int]) -> int | list[int]:
+        """A single seed is recorded as the integer it always was, so single-seed runs keep their bytes."""
+        return seed[0] if len(seed) == 1 else seed
 
     def specs(self) -> list[SAESpec]:
         """Every SAE this run trains, in a fixed order."""
@@ -122,11 +152,18 @@ class TrainConfig(StageConfig):
             "auxk_coefficient": self.auxk_coefficient,
         }
         out = []
-        for arch in self.arch:
-            cls = ARCHITECTURES[arch]
-            hparams = {k: v for k, v in settings.items() if k in cls.default_hparams}
-            for width in self.width:
-                for k in self.k if cls.uses_k else [None]:
-                    name = f"{arch}-w{width}" + (f"-k{k}" if k is not None else "")
-                    out.append(SAESpec(name, arch, width, k, dict(hparams)))
+        for i, seed in enumerate(self.seed):
+            for arch in self.arch:
+                cls = ARCHITECTURES[arch]
+                hparams = {k: v for k, v in settings.items() if k in cls.default_hparams}
+                for width in self.width:
+                    if i > 0 and self.seed_widths and width not in self.seed_widths:
+                        continue
+                    for k in self.k if cls.uses_k else [None]:
+                        name = (
+                            f"{arch}-w{width}"
+                            + (f"-k{k}" if k is not None else "")
+                            + (f"-s{seed}" if i else "")
+                        )
+                        out.append(SAESpec(name, arch, width, k, dict(hparams), seed))
         return out

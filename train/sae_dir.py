@@ -14,7 +14,9 @@ Layout (saepipe SAE dir, format version 1; the layout SAELens reads):
         k                       topk, batchtopk, matryoshka (batchtopk/matryoshka: the training batch L0)
         matryoshka_prefixes     matryoshka: the nested dictionary sizes
         apply_b_dec_to_input    true
-        normalize_activations   "none" (any training normalisation is folded into the weights)
+        normalize_activations   "none" (a dataset-wide training scale is folded into the weights), or
+                                "constant_norm_rescale" (trained on per-token normalised inputs,
+                                saepipe.train.token_norm: applied by encode, undone by decode)
         context_size, prepend_bos, dataset_path   when known
         saepipe                 {format_version, hparams (architecture settings), input_scale (the
                                  folded normalisation factor), store {path, model_fingerprint, hook, ...},
@@ -42,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saepipe.errors import SaepipeError
+from saepipe.train import token_norm
 from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 
 WEIGHTS = "sae_weights.safetensors"
@@ -156,4 +159,6 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
                 )
             target.copy_(value)
     sae.cfg = cfg
+    if cfg.get("normalize_activations") == token_norm.CFG_VALUE:
+        sae = token_norm.with_token_norm(sae)
     return sae.to(device).eval()

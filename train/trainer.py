@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from saepipe.errors import SaepipeError
 from saepipe.harvest.harvester import probe_writable
 from saepipe.harvest.models import resolve_device
-from saepipe.train import checkpoint, distributed
+from saepipe.train import checkpoint, distributed, token_norm
 from saepipe.train.config import TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
@@ -82,23 +82,29 @@ def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
     """The decoder bias start, identical on every rank, in the (possibly normalised) input space."""
     if cfg.b_dec_init == "zeros":
         return torch.zeros(loader.d_model)
-    if cfg.b_dec_init == "mean":  # the stores' own statistics: the same on every rank, no reading
+    if cfg.b_dec_init == "mean" and not (cfg.token_norm or cfg.drop_norm_above):
+        # the stores' own statistics: the same on every rank, no reading
         stats = [s.stats(cfg.hook) for s in loader.stores]
         count = sum(st.count for st in stats)
         mean = sum(st.count * st.mean for st in stats) / max(count, 1)
         return torch.from_numpy(np.asarray(mean * loader.scale, dtype=np.float32))
     sample = torch.from_numpy(loader.load_window(0, 0).rows[:8192])
-    return distributed.all_reduce_mean(geometric_median(sample).float())
+    start = sample.double().mean(0) if cfg.b_dec_init == "mean" else geometric_median(sample)
+    return distributed.all_reduce_mean(start.float())
 
 
 def build_saes(cfg: TrainConfig, d_in: int) -> dict[str, SAE]:
-    """Freshly initialised SAEs of the run, seeded so every rank builds the same ones."""
-    torch.manual_seed(cfg.seed)
+    """Freshly initialised SAEs of the run, seeded so every rank builds the same ones.
+
+    The SAEs of each seed are drawn in order from a generator reset to that seed, so the first seed's SAEs
+    are exactly those a run with that seed alone builds, and another seed changes nothing else."""
     saes = {}
-    for spec in cfg.specs():
-        sae = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=spec.hparams)
-        sae.dead_window = cfg.dead_window
-        saes[spec.name] = sae
+    for seed in cfg.seed:
+        torch.manual_seed(seed)
+        for spec in (s for s in cfg.specs() if s.seed == seed):
+            sae = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=spec.hparams)
+            sae.dead_window = cfg.dead_window
+            saes[spec.name] = sae
     return saes
 
 
@@ -129,8 +135,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         return TrainResult(out, sae_dirs, 0, 0, 0, 0.0, already_complete=True)
 
     loader = ActivationLoader(
-        cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed, info.rank, info.world_size,
-        cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow,
+        cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed[0], info.rank, info.world_size,
+        cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow, drop_special=cfg.drop_special,
+        special_token_ids=cfg.special_token_ids, drop_norm_above=cfg.drop_norm_above, token_norm=cfg.token_norm,
     )  # fmt: skip
     global_batch = cfg.batch_size * info.world_size
     total = max(1, cfg.tokens // global_batch)
@@ -188,13 +195,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     with _disk_full_is_an_error(out, "the SAE dirs"):
         if info.is_main:
             for spec in specs:
+                extra = _sae_extra(cfg, loader, total, global_batch)
+                if len(cfg.seed) > 1:  # which seed this one is (a single-seed run's dirs stay as they were)
+                    extra["saepipe"]["seed"] = spec.seed
                 save_sae(
                     saes[spec.name],
                     sae_dirs[spec.name],
                     hook_name=cfg.hook,
                     model_name=loader.stores[0].settings["model"]["name"],
                     input_scale=loader.scale,
-                    **_sae_extra(cfg, loader, total, global_batch),
+                    **extra,
                 )
         checkpoint.save(out, total, {**config}, reporter.wandb_id, saes, optimizers, StreamPosition())
         if info.is_main:
@@ -209,6 +219,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _sae_extra(cfg: TrainConfig, loader: ActivationLoader, steps: int, global_batch: int) -> dict:
     first = loader.stores[0]
     return {
+        **({"normalize_activations": token_norm.CFG_VALUE} if cfg.token_norm else {}),
         "context_size": first.context_size,
         "prepend_bos": bool(first.settings["prepend_bos"]),
         "dataset_path": first.settings.get("dataset", {}).get("name"),
