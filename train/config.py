@@ -127,8 +127,8 @@ class TrainConfig(StageConfig):
                 raise ValueError(f"--k {k} must be positive and at most the smallest --width")
         if len({s.name for s in self.specs()}) != len(self.specs()):
             raise ValueError("an SAE is named twice; repeat --arch/--width/--k/--seed values only once")
-        if not self.seed:
-            raise ValueError("give at least one --seed")
+        if not self.seed or len(set(self.seed)) != len(self.seed):
+            raise ValueError("give each --seed once (at least one)")
         if missing := sorted(set(self.seed_widths) - set(self.width)):
             raise ValueError(f"--seed-widths {missing[0]} is not one of the --width values")
         if self.normalize and self.token_norm:
