@@ -6,10 +6,12 @@ the store (`SparseTopN`, exact: a per-latent running top-n over the sparse codes
 writes, in the report dir:
 
     index.html, assets/dashboard.css (the analyze dashboard's), assets/splits.js
-    data/splits.js   SAEPIPE.setSplits({...}): the SAEs, per level the parents that have children (their
-                     statistics and children's cos / share / containment), and the top contexts of every
-                     shown latent, keyed "<sae index>/<latent>": values, contexts, positions, windows
-                     (token ids, WINDOW_BEFORE before to WINDOW_AFTER after) and the peak's index
+    data/splits.js   SAEPIPE.setSplits({...}): the SAEs, the seed-stability verdict and seed pairs, per
+                     level its counts next to the seed pair's (`seed_baseline`), the share of latents
+                     found again one width up, and the parents that have children (their statistics and
+                     children's cos / share / containment), and the top contexts of every shown latent,
+                     keyed "<sae index>/<latent>": values, contexts, positions, windows (token ids,
+                     WINDOW_BEFORE before to WINDOW_AFTER after) and the peak's index
     data/vocab.js    SAEPIPE.setVocab({id: text}): the model tokenizer's text of every token id shown;
                      empty for a store with no model (synthetic), whose token ids are shown as ⟨id⟩
 
