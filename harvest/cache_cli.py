@@ -1,6 +1,6 @@
 """`saepipe cache ls | info KEY | verify KEY | rm KEY`: what a cache holds, and whether it is intact.
 
-`info` also prints each hook's activation norm statistics (saepipe.harvest.norms): the median norm, how
+`info` also reports, under "norms", each hook's activation norm statistics (saepipe.harvest.norms): the median norm, how
 much of the squared norm sits in outlier positions, and which tokens, positions and dimensions those are.
 """
 
@@ -49,17 +49,16 @@ def run(cfg: CacheConfig) -> int:
     assert cfg.key is not None
     if cfg.action == "info":
         found = cachelib.entry(root, cfg.key)
-        print(json.dumps(asdict(found), indent=2))
         store = open_store(found.url, allow_incomplete=True)
         decode = local_decoder(store.settings["model"]["name"])
-        for hook in store.hooks:
-            recorded = (
-                ""
-                if (store.meta.get("norms") or {}).get(hook)
-                else " (computed now: not recorded in this store)"
-            )
-            print(f"\nactivation norms at {hook}{recorded}:")
-            print("\n".join(f"  {line}" for line in describe(norm_stats(store, hook), decode)))
+        norms = {
+            hook: {
+                "recorded": bool((store.meta.get("norms") or {}).get(hook)),  # else computed now
+                "summary": describe(norm_stats(store, hook), decode),
+            }
+            for hook in store.hooks
+        }
+        print(json.dumps(asdict(found) | {"norms": norms}, indent=2, ensure_ascii=False))
         return 0
     if cfg.action == "verify":
         url = cachelib.entry(root, cfg.key).url

@@ -148,8 +148,8 @@ def test_cache_info_shows_the_norms(world, tmp_path, capsys):
     (root / "stores").mkdir(parents=True)
     shutil.copytree(path, root / "stores" / "0123456789abcdef0123-24")
     assert main(["cache", "info", "0123456789abcdef0123-24", "--cache", str(root)]) == 0
-    out = capsys.readouterr().out
-    assert "median" in out and "> 3x median: 2.47% of positions" in out  # 4 of 162 ordinary positions
-    assert "token 2" in out  # EOS named among the special positions (no tokenizer for a hand-made model)
-    info = json.loads(out[: out.index("\n}\n") + 3])
-    assert info["n_contexts"] == C
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_contexts"] == C and info["norms"][HOOK]["recorded"] is True
+    text = "\n".join(info["norms"][HOOK]["summary"])
+    assert "median" in text and "> 3x median: 2.47% of positions" in text  # 4 of 162 ordinary positions
+    assert "special token 2 in context bodies: 6 positions" in text  # no tokenizer for a hand-made model
