@@ -1,7 +1,8 @@
 """`saepipe cache ls | info KEY | verify KEY | rm KEY`: what a cache holds, and whether it is intact.
 
-`info` also reports, under "norms", each hook's activation norm statistics (saepipe.harvest.norms): the median norm, how
-much of the squared norm sits in outlier positions, and which tokens, positions and dimensions those are.
+`info` also reports, under "norms", each hook's activation norm statistics (saepipe.harvest.norms): the
+median norm, how much of the squared norm sits in outlier positions, and which tokens, positions and
+dimensions those are.
 """
 
 from __future__ import annotations
