@@ -9,6 +9,11 @@ special tokens left out, the same positions for every treatment):
     FVU, dead   mean over the two seeds; dead = never active on the measured tokens
     loss rec.   `saepipe evaluate`'s fraction of loss recovered on held-out contexts (seed 0)
 
+Give every run the same held-out measurement: `--eval-store` (a store of text no run trained on) for
+FVU, firing and dead, and `--loss-store` (the biggest training store) so loss recovered is measured on the
+same text after it for every run. `bench.common.slice_store` cuts the stores from one big harvest: a
+prefix is byte-identical to a harvest of that size, the tail is the held-out store.
+
 Treatments: `raw` (only BOS dropped, as before issue 19), `special` (BOS/EOS dropped everywhere: the new
 default), `outliers` (special + positions above --outlier-multiple x the median norm dropped),
 `token_norm` (special + every activation scaled to one norm). Store size against training tokens: give
@@ -65,14 +70,15 @@ def train_pair(store: str, tokens: int, treatment: str, args) -> tuple[Path, flo
 
 
 def measure(run: Path, store_path: str, args) -> dict:
-    """Stability, FVU and dead fraction of the run's two seeds over the store's first --eval-tokens
-    ordinary positions, and seed 0's loss recovered."""
+    """Stability, FVU and dead fraction of the run's two seeds over the first --eval-tokens ordinary
+    positions of --eval-store (default: the training store), and seed 0's loss recovered on the text
+    that follows --loss-store (default: the training store)."""
     from saepipe.analyze.frontier import ReconstructionStats, encode_stream
     from saepipe.analyze.stability import stability
     from saepipe.harvest import open_store
     from saepipe.train import load_sae
 
-    store = open_store(store_path)
+    store = open_store(args.eval_store or store_path)
     dirs = sorted(p for p in run.iterdir() if (p / "cfg.json").exists())
     saes = [load_sae(d) for d in dirs]
     fires = [None, None]
@@ -96,7 +102,12 @@ def measure(run: Path, store_path: str, args) -> dict:
         from saepipe.analyze.evaluate import evaluate
 
         res = evaluate(
-            EvaluateConfig(sae=str(dirs[0]), store=store_path, contexts=args.eval_contexts, device=args.device),
+            EvaluateConfig(
+                sae=str(dirs[0]),
+                store=args.loss_store or store_path,
+                contexts=args.eval_contexts,
+                device=args.device,
+            ),
             progress=False,
         )
         out["loss_recovered"] = res.loss_recovered
@@ -116,6 +127,12 @@ def main() -> None:
     p.add_argument("--outlier-multiple", type=float, default=3.0, help="the `outliers` treatment's cut")
     p.add_argument("--eval-tokens", type=int, default=65_536, help="tokens measured for FVU/firing/dead")
     p.add_argument("--eval-contexts", type=int, default=16, help="held-out contexts for loss recovered")
+    p.add_argument(
+        "--eval-store", help="store to measure FVU, firing and dead on (default: the training one)"
+    )
+    p.add_argument(
+        "--loss-store", help="loss recovered on the text after this store (default: the training one)"
+    )
     args = p.parse_args()
     if args.device == "auto":
         import torch
