@@ -14,9 +14,12 @@ Metrics (per true feature j, per latent i):
   co / fires_i, recall = co / present_j, F1; per latent its best-F1 feature, per feature its best F1;
 - spread[j] (splitting): latents with cos(i, j) >= split_cos whose firing lies mostly on j
   (precision >= split_precision); 1 is one latent per feature, 2 or more is a split;
-- absorption (Chanin et al. 2024) per (parent p, child c): with P and C the best-cosine latents of p and
-  c, the fraction of tokens carrying c on which P is silent and C fires, and C's decoder cosine to p's
-  direction (how much of the parent's direction the child latent took over);
+- MCC (SynthSAEBench; O'Neill et al. 2024): the mean |cos| over the one-to-one Hungarian matching of
+  latents to features (min(n, d_sae) pairs);
+- F1 as SynthSAEBench reports it: each latent a classifier of its best-|cos| feature, averaged over
+  latents that fire;
+- absorption (Chanin et al. 2024) per parent feature: how often its latent is silent where a child of it
+  is present, and which latents fire in its place (analyze/absorption.py);
 - by frequency: the features cut into `n_bins` equal-count bins by true frequency (most frequent first),
   each with its means of the above.
 """
@@ -32,6 +35,8 @@ import scipy.sparse as sp
 from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
+from saepipe.analyze.absorption import AbsorptionAccumulator, absorption_report
+from saepipe.analyze.absorption_page import write_absorption_page
 from saepipe.config import StageConfig
 from saepipe.errors import SaepipeError
 
@@ -56,6 +61,8 @@ class DirectionMatch:
     """Mean over true features of the best cosine."""
     matched_score: float
     """Mean over true features of the one-to-one matched cosine (unmatched count as 0)."""
+    mcc: float
+    """SynthSAEBench's MCC: mean |cos| over the one-to-one matching that maximises total |cos|."""
 
 
 def match_directions(cos: np.ndarray) -> DirectionMatch:
@@ -68,8 +75,16 @@ def match_directions(cos: np.ndarray) -> DirectionMatch:
     matched_cos = np.zeros(n)
     matched_latent[rows] = cols
     matched_cos[rows] = cos[rows, cols]
+    abs_rows, abs_cols = linear_sum_assignment(np.abs(cos), maximize=True)
+    mcc = float(np.abs(cos[abs_rows, abs_cols]).mean()) if len(abs_rows) else 0.0
     return DirectionMatch(
-        best_latent, best_cos, matched_latent, matched_cos, float(best_cos.mean()), float(matched_cos.mean())
+        best_latent,
+        best_cos,
+        matched_latent,
+        matched_cos,
+        float(best_cos.mean()),
+        float(matched_cos.mean()),
+        mcc,
     )
 
 
@@ -148,32 +163,27 @@ def firing_scores(counts: FiringCounts) -> FiringScores:
     )
 
 
+def cos_matched_f1(counts: FiringCounts, cos: np.ndarray) -> dict[str, np.ndarray]:
+    """Each latent as a classifier of its best-|cos| feature: feature [d_sae], precision, recall, F1."""
+    feature = np.abs(cos).argmax(axis=0)
+    latents = np.arange(cos.shape[1])
+    co = np.asarray(counts.co[latents, feature]).ravel().astype(np.float64)
+    fires, present = (
+        counts.latent_fires.astype(np.float64),
+        counts.feature_present[feature].astype(np.float64),
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(fires > 0, co / fires, 0.0)
+        recall = np.where(present > 0, co / present, 0.0)
+        f1 = np.where(fires + present > 0, 2 * co / (fires + present), 0.0)
+    return {"feature": feature, "precision": precision, "recall": recall, "f1": f1}
+
+
 def spread(cos: np.ndarray, precision: sp.csr_matrix, split_cos: float, split_precision: float) -> np.ndarray:
     """[n] number of latents per feature that point along it and fire mostly on it (splitting)."""
     p = precision.tocoo()
     keep = (p.data >= split_precision) & (cos[p.col, p.row] >= split_cos)
     return np.bincount(p.col[keep], minlength=cos.shape[0])
-
-
-def hierarchy_pairs(parent: np.ndarray, best_latent: np.ndarray) -> np.ndarray:
-    """[k, 4] int64 rows (parent, child, parent's latent, child's latent) for every child feature."""
-    kids = np.flatnonzero(parent >= 0)
-    par = parent[kids]
-    return np.stack([par, kids, best_latent[par], best_latent[kids]], axis=1).astype(np.int64).reshape(-1, 4)
-
-
-def absorption_counts(codes: sp.csr_matrix, latent_acts: Latents, pairs: np.ndarray) -> np.ndarray:
-    """[k, 2] int64 per pair over one batch: tokens carrying the child, and of those the tokens where the
-    parent's latent is silent while the child's latent fires."""
-    out = np.zeros((len(pairs), 2), dtype=np.int64)
-    csc = sp.csc_matrix(codes)
-    for r, (_, child, lp, lc) in enumerate(pairs):
-        lo, hi = csc.indptr[child], csc.indptr[child + 1]
-        rows = csc.indices[lo:hi][csc.data[lo:hi] != 0]
-        z = latent_acts[rows][:, [lp, lc]]
-        z = z.toarray() if sp.issparse(z) else np.asarray(z)
-        out[r] = len(rows), int(((z[:, 0] <= 0) & (z[:, 1] > 0)).sum())
-    return out
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,12 @@ class Thresholds:
 class RecoveryReport:
     mmcs: float
     matched_score: float
+    mcc: float
+    """SynthSAEBench's MCC (mean |cos| over the one-to-one matching)."""
+    f1: float
+    """SynthSAEBench's F1: each firing latent against its best-|cos| feature, averaged."""
+    absorption_rate: float
+    """Mean over parent features of how often their latent is silent where a child is present."""
     fraction_recovered: float
     mean_feature_best_f1: float
     mean_latent_f1: float
@@ -200,6 +216,7 @@ class RecoveryReport:
     per_feature: dict[str, list]
     per_latent: dict[str, list]
     absorption: list[dict]
+    """Per parent feature: its latent, absorption rate and the latents that fired in its place."""
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in ("per_feature", "per_latent")}
@@ -218,15 +235,13 @@ class RecoveryAccumulator:
         self.cos = cosine_matrix(directions, decoder)
         self.match = match_directions(self.cos)
         self.parent = parent
-        self.pairs = hierarchy_pairs(parent, self.match.best_latent)
+        self.absorb = AbsorptionAccumulator(parent, self.match.best_latent, decoder.shape[0])
         self.counts: FiringCounts | None = None
-        self.absorb = np.zeros((len(self.pairs), 2), dtype=np.int64)
 
     def update(self, codes: sp.csr_matrix, latent_acts: Latents) -> None:
         batch = firing_counts(codes, latent_acts)
         self.counts = batch if self.counts is None else self.counts + batch
-        if len(self.pairs):
-            self.absorb += absorption_counts(codes, latent_acts, self.pairs)
+        self.absorb.update(codes, latent_acts)
 
     def report(self, frequencies: np.ndarray, th: Thresholds = Thresholds()) -> RecoveryReport:
         if self.counts is None:
@@ -250,23 +265,15 @@ class RecoveryAccumulator:
                     "never_present": int((c.feature_present[b] == 0).sum()),
                 }
             )
-        absorption = []
-        for (p, ch, lp, lc), (n_child, n_abs) in zip(self.pairs.tolist(), self.absorb.tolist()):
-            absorption.append(
-                {
-                    "parent": p,
-                    "child": ch,
-                    "parent_latent": lp,
-                    "child_latent": lc,
-                    "child_tokens": n_child,
-                    "absorption_rate": n_abs / n_child if n_child else float("nan"),
-                    "child_latent_parent_cos": float(self.cos[p, lc]),
-                }
-            )
+        matched = cos_matched_f1(c, self.cos)
+        absorption, absorption_rate = absorption_report(self.absorb.counts, self.cos, matched["feature"])
         alive = c.latent_fires > 0
         return RecoveryReport(
             mmcs=m.mmcs,
             matched_score=m.matched_score,
+            mcc=m.mcc,
+            f1=float(matched["f1"][alive].mean()) if alive.any() else 0.0,
+            absorption_rate=absorption_rate,
             fraction_recovered=float((m.best_cos >= th.recovered_cos).mean()),
             mean_feature_best_f1=float(fs.feature_best_f1.mean()),
             mean_latent_f1=float(fs.latent_f1[alive].mean()) if alive.any() else 0.0,
@@ -289,6 +296,10 @@ class RecoveryAccumulator:
                 "precision": fs.latent_precision.tolist(),
                 "recall": fs.latent_recall.tolist(),
                 "f1": fs.latent_f1.tolist(),
+                "cos_feature": matched["feature"].tolist(),
+                "cos_precision": matched["precision"].tolist(),
+                "cos_recall": matched["recall"].tolist(),
+                "cos_f1": matched["f1"].tolist(),
             },
             absorption=absorption,
         )
@@ -330,7 +341,9 @@ class RecoveryConfig(StageConfig):
     store: str | None = None
     """Store to stream (default: the synthetic set's own store, TRUTH/store)."""
     out: str | None = None
-    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays) as JSON here."""
+    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays) as JSON here,
+    and beside it (same name, .html) a page of every parent's absorption linking to the latents that took
+    its place."""
     max_tokens: int | None = Field(None, gt=0)
     """Score on at most this many tokens (whole chunks, from the start of the store)."""
     batch_tokens: int = Field(8192, gt=0)
@@ -381,8 +394,9 @@ def score_recovery(cfg: RecoveryConfig, progress: bool = True) -> RecoveryReport
 def run(cfg: RecoveryConfig) -> int:
     report = score_recovery(cfg)
     print(
-        f"recovery of {cfg.sae} against {cfg.truth}: MMCS {report.mmcs:.3f}, matched {report.matched_score:.3f}, "
-        f"recovered {report.fraction_recovered:.1%} (cos >= {cfg.recovered_cos}), feature F1 "
+        f"recovery of {cfg.sae} against {cfg.truth}: recovered {report.fraction_recovered:.1%} "
+        f"(cos >= {cfg.recovered_cos}), MCC {report.mcc:.3f}, F1 {report.f1:.3f}, absorption "
+        f"{report.absorption_rate:.3f}, MMCS {report.mmcs:.3f}, feature best F1 "
         f"{report.mean_feature_best_f1:.3f}, {report.split_features} split features, "
         f"{report.dead_latents} dead latents"
     )
@@ -391,5 +405,6 @@ def run(cfg: RecoveryConfig) -> int:
         path = Path(cfg.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(report)))
-        print(f"report written to {path}")
+        page = write_absorption_page(json.loads(path.read_text()), path, Path(cfg.sae).name)
+        print(f"report written to {path}; absorption page {page}")
     return 0

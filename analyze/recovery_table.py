@@ -33,6 +33,9 @@ BIN_VALUES = {
 """Per-bin quantities of a recovery report that the decile cells can show."""
 
 SUMMARY_COLUMNS = {  # column title -> (key, format)
+    "MCC": ("mcc", ".3f"),
+    "F1": ("f1", ".3f"),
+    "absorption": ("absorption_rate", ".3f"),
     "MMCS": ("mmcs", ".3f"),
     "matched": ("matched_score", ".3f"),
     "L0": ("l0", ".2f"),
@@ -42,7 +45,7 @@ SUMMARY_COLUMNS = {  # column title -> (key, format)
 """Whole-SAE columns after the bins; one appears only when some row has a value for it."""
 
 ARCH_ORDER = ("topk", "batchtopk", "jumprelu", "relu", "matryoshka")
-_NAME = re.compile(r"^(?P<arch>[a-z_]+)-w(?P<width>\d+)(?:-k(?P<k>\d+))?$")
+_NAME = re.compile(r"^(?P<arch>[a-z_]+)-w(?P<width>\d+)(?:-k(?P<k>\d+))?(?:-t(?P<tokens>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,14 @@ class RecoveryTable:
         return json.dumps(self.data, indent=1)
 
 
-def _identity(name: str, report: Mapping, extra: Mapping) -> tuple[str, int | None, int | None]:
+def _identity(name: str, report: Mapping, extra: Mapping) -> tuple[str, int | None, int | None, int | None]:
     m = _NAME.match(Path(name).name)
     arch = extra.get("architecture") or report.get("architecture") or (m["arch"] if m else name)
     width = extra.get("d_sae") or report.get("d_sae") or (int(m["width"]) if m else None)
     k = extra.get("k") or report.get("k") or (int(m["k"]) if m and m["k"] else None)
-    return str(arch), (int(width) if width is not None else None), (int(k) if k is not None else None)
+    tokens = extra.get("tokens") or (int(m["tokens"]) if m and m["tokens"] else None)
+    as_int = lambda v: int(v) if v is not None else None  # noqa: E731
+    return str(arch), as_int(width), as_int(k), as_int(tokens)
 
 
 def _bins_rarest_first(name: str, report: Mapping) -> list[Mapping]:
@@ -78,6 +83,12 @@ def _number(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+def _samples(tokens: int | None) -> str:
+    if tokens is None:
+        return "–"
+    return f"{tokens / 2**20:g}Mi" if tokens % 2**17 == 0 else f"{tokens:,}"
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
@@ -85,7 +96,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def _sort_key(row: dict) -> tuple:
     arch = row["architecture"]
     rank = ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER)
-    return rank, arch, row["width"] or 0, row["k"] or 0, row["name"]
+    return rank, arch, row["width"] or 0, row["k"] or 0, row["tokens"] or 0, row["name"]
 
 
 def recovery_table(
@@ -119,10 +130,11 @@ def recovery_table(
                 "or another --n-bins); tabulate reports of one synthetic set with one --n-bins"
             )
         extra = metrics.get(name, {})
-        arch, width, k = _identity(name, report, extra)
+        arch, width, k, tokens = _identity(name, report, extra)
         values = [float(b[value]) for b in bins]
         n_feat = [b["n_features"] for b in bins]
-        row: dict[str, Any] = {"name": name, "architecture": arch, "width": width, "k": k, "bins": values}
+        row: dict[str, Any] = {"name": name, "architecture": arch, "width": width, "k": k, "tokens": tokens}
+        row["bins"] = values
         row["all"] = sum(v * n for v, n in zip(values, n_feat)) / sum(n_feat)  # bins partition the features
         for key, _ in SUMMARY_COLUMNS.values():
             row[key] = _number(extra.get(key, report.get(key)))
@@ -132,13 +144,15 @@ def recovery_table(
     bins_json = [{"n_features": n, "freq_min": lo, "freq_max": hi} for n, lo, hi in ref_bins]
     shown = {t: kf for t, kf in SUMMARY_COLUMNS.items() if any(r[kf[0]] is not None for r in rows)}
 
-    head = ["architecture", "width"]
+    budgets = any(r["tokens"] is not None for r in rows)
+    head = ["architecture", "width"] + (["samples"] if budgets else [])
     head += [f"{i + 1}: {b['freq_min']:.1e}–{b['freq_max']:.1e}" for i, b in enumerate(bins_json)]
     head += ["all", *shown]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         arch = r["architecture"] + (f" (k={r['k']})" if r["k"] is not None else "")
         cells = [arch, str(r["width"] if r["width"] is not None else "?")]
+        cells += [_samples(r["tokens"])] if budgets else []
         cells += [f"{v:.2f}" for v in r["bins"]] + [f"{r['all']:.2f}"]
         cells += [_fmt(r[key], spec) for key, spec in shown.values()]
         lines.append("| " + " | ".join(cells) + " |")

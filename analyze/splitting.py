@@ -252,7 +252,7 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     )
     from saepipe.analyze.inputs import excluded_tokens
     from saepipe.analyze.split_pages import SparseTopN, tokenizer_decode, write_split_pages
-    from saepipe.analyze.stability import baseline_for, one_way, seed_groups, stability, verdict
+    from saepipe.analyze.stability import baseline_for, identity, one_way, seed_groups, stability, verdict
     from saepipe.harvest import open_store
     from saepipe.train import load_sae
 
@@ -265,7 +265,7 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
         check_compatible(path, sae.cfg, store)
     hook = resolve_hook(store, [s.cfg for s in saes], cfg.hook)
     # Edges: each ladder SAE to the next wider one, then each same-width seed pair (the baseline).
-    ladder, pairs = seed_groups([s.cfg for s in saes])
+    ladder, pairs = seed_groups([identity(s) for s in saes])
     edges = [*pairwise(ladder), *pairs]
     n_levels = len(ladder) - 1
     decoders = [s.W_dec.detach().float().cpu().numpy() for s in saes]
@@ -297,7 +297,7 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     bar.close()
     spliced = _spliced(cfg, store, paths, progress)
     points = [
-        point(p, s.cfg["architecture"], s.d_sae, r, k=s.cfg.get("k"), **spliced.get(p, {}))
+        point(p, s.architecture, s.d_sae, r, k=s.k, **spliced.get(p, {}))
         for s, p, r in zip(saes, paths, recon)
     ]
     trees = [split_tree(cos[e], counts[e], links[e], sibs[e], cfg.clean_overlap) for e in range(len(edges))]
@@ -307,16 +307,12 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
             decoders[a], decoders[b], counts[e].fires_a, counts[e].fires_b, cfg.stability_threshold
         )
         seed_pairs.append(
-            {"a": paths[a], "b": paths[b], "architecture": saes[a].cfg["architecture"], "d_sae": saes[a].d_sae,
-             "k": saes[a].cfg.get("k"), "stability": st.to_dict(), "summary": trees[e]["summary"]}
+            {"a": paths[a], "b": paths[b], **identity(saes[a]), "stability": st.to_dict(),
+             "summary": trees[e]["summary"]}
         )  # fmt: skip
     levels = []
     for e, (a, b) in enumerate(edges[:n_levels]):
-        narrow = {
-            "architecture": saes[a].cfg["architecture"],
-            "d_sae": saes[a].d_sae,
-            "k": saes[a].cfg.get("k"),
-        }
+        narrow = identity(saes[a])
         found = one_way(decoders[a], decoders[b], counts[e].fires_a, cfg.stability_threshold)
         base = baseline_for(narrow, seed_pairs)
         levels.append(

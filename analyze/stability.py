@@ -19,6 +19,7 @@ shows every cross-width split-tree count against the counts the same linking fin
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -115,16 +116,27 @@ def one_way(dec_a: np.ndarray, dec_b: np.ndarray, fires_a: np.ndarray | None, th
     }
 
 
-def seed_groups(cfgs: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Split SAEs (their cfg.json, sorted by width) into the ladder and same-width seed pairs.
+def identity(sae: Any) -> dict:
+    """What two replicates share: saepipe's architecture, width, k and training budget (a loaded SAE)."""
+    training = (sae.cfg.get("saepipe") or {}).get("training") or {}
+    return {
+        "architecture": sae.architecture,
+        "d_sae": int(sae.d_sae),
+        "k": sae.k,
+        "tokens": training.get("tokens"),
+    }
 
-    SAEs with the same architecture, width and k are replicates (`saepipe train --seed 0 1`): the first
-    of each such group stays in the ladder, and it is paired with the second. Returns (indices of the
-    ladder, [(ladder index, replicate index)])."""
+
+def seed_groups(cfgs: list[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Split SAEs (their `identity`, sorted by width) into the ladder and same-width seed pairs.
+
+    SAEs with the same architecture, width, k and training budget are replicates (`saepipe train --seed
+    0 1`; two budgets of one width are not): the first of each such group stays in the ladder, and it is
+    paired with the second. Returns (indices of the ladder, [(ladder index, replicate index)])."""
     first: dict[tuple, int] = {}
     ladder, pairs = [], []
     for i, c in enumerate(cfgs):
-        key = (c.get("architecture"), int(c["d_sae"]), c.get("k"))
+        key = (c.get("architecture"), int(c["d_sae"]), c.get("k"), str(c.get("tokens")))
         if key not in first:
             first[key] = i
             ladder.append(i)

@@ -1,34 +1,28 @@
 """Synthetic activations with known features: the ground truth the feature-splitting lab scores against.
 
 Why: reconstruction and sparsity are proxies; only data whose true features we know can say whether an
-SAE found them, which rare ones it lost, and which it split or absorbed (issue 5). The generator writes an
+SAE found them, which rare ones it lost, and which it split or absorbed. The generator writes an
 ORDINARY activation store (so `saepipe train` needs nothing special) plus a truth dir beside it:
 
     <out>/store/                         the activation store (`saepipe.harvest.store`), one hook `synthetic`,
                                          prepend_bos false; model name `synthetic`, n_layers 0, fingerprint =
                                          sha256 of the true features below
     <out>/truth/config.json              format `saepipe.synthetic`, schema_version, the SynthConfig used
-                                         (without `out`), `alpha` (the power-law exponent), `shard_contexts`
+                                         (without `out`, only the fields its recipe reads), the recipe's
+                                         derived values (`alpha` for powerlaw; `true_l0`, hierarchy sizes for
+                                         synthsaebench), `shard_contexts`
     <out>/truth/features.safetensors     directions [n, d] float32 (unit rows), frequencies [n] float64 (the
                                          exact marginal probability of each feature per token), parent [n]
-                                         int64 (-1 for none), group [n] int64 (correlation group, -1 for none)
+                                         int64 (-1 for none), group [n] int64 (correlation group, -1 for none),
+                                         bias [d] float32 (only where the recipe adds one)
     <out>/truth/codes/shard-NNNNNN.safetensors   one per store shard, the true codes of its tokens:
                                          token int64 (flat index context * context_size + position), feature
                                          int32, value float32; sorted by (token, feature)
 
-The model of the data (each choice is a knob in `SynthConfig`):
-- frequencies follow a power law in rank, p_r = freq_max * (r + 1) ** -alpha, with alpha chosen so the
-  rarest feature has freq_min (three orders of magnitude by default); feature index = frequency rank;
-- hierarchy (Chanin et al. 2024, "A is for Absorption"): `n_parents` random features get
-  `children_per_parent` children each; a child fires only with its parent and siblings are mutually
-  exclusive; a present parent carries one child with probability `child_coverage`, shared among the
-  children in proportion to their power-law frequencies (so a child's marginal frequency is derived);
-- correlation: root features are put in random groups; a group fires a shared event with the frequency of
-  its most frequent member, and a fraction `correlation` of each member's occurrences is drawn from the
-  group's events; the independent remainder is scaled so every marginal stays exactly p_i;
-- magnitudes are mean-1 draws (constant, uniform or lognormal with a given coefficient of variation);
-- x = sum_i value_i * direction_i (+ optional isotropic Gaussian noise).
-Token ids carry a hint for dashboards: 1 + the feature with the largest value at that position, 0 for none.
+Rows are x = codes @ directions + bias (+ optional isotropic Gaussian noise). Two recipes (`--recipe`):
+`powerlaw`, saepipe's own (harvest/synth_powerlaw.py), and `synthsaebench`, the published SynthSAEBench
+generator (harvest/synth_bench.py). Token ids carry a hint for dashboards: 1 + the feature with the
+largest value at that position, 0 for none.
 
 Every shard is drawn from its own seeded generator, its codes file is written (atomically) before the
 store commits the shard, so a killed run resumes at the first uncommitted shard and ends byte-identical.
@@ -54,15 +48,42 @@ from tqdm import tqdm
 from saepipe.config import StageConfig
 from saepipe.errors import SaepipeError
 from saepipe.harvest.store import StoreWriter, n_contexts_for
+from saepipe.harvest.synth_bench import BenchFeatures
+from saepipe.harvest.synth_bench import make_features as bench_features
+from saepipe.harvest.synth_powerlaw import PowerLawFeatures
+from saepipe.harvest.synth_powerlaw import make_features as powerlaw_features
 
 FORMAT = "saepipe.synthetic"
 SCHEMA_VERSION = 1
 HOOK = "synthetic"
 
 
+RECIPE_FIELDS = {
+    "powerlaw": (
+        "magnitude", "magnitude_cv", "n_parents", "children_per_parent", "child_coverage", "correlation",
+        "correlation_group_size",
+    ),
+    "synthsaebench": (
+        "recipe", "zipf_exponent", "hierarchy_roots", "hierarchy_branching", "hierarchy_depth",
+        "magnitude_mean_start", "magnitude_mean_end", "magnitude_std_mean", "magnitude_std_std",
+        "correlation_rank", "correlation_scale", "orthogonalize_steps", "orthogonalize_lr", "bias_norm",
+    ),
+}  # fmt: skip
+"""The fields each recipe reads (beside the shared ones); a set records only its own recipe's."""
+
+RECIPE_DEFAULTS = {
+    "powerlaw": {"freq_max": 0.1, "freq_min": 1e-4},
+    "synthsaebench": {"freq_max": 0.4, "freq_min": 5e-4},
+}
+
+
 class SynthConfig(StageConfig):
     out: str
     """Directory to write: the activation store goes to OUT/store, the true features and codes to OUT/truth."""
+    recipe: Literal["powerlaw", "synthsaebench"] = "powerlaw"
+    """Generator: `powerlaw` (saepipe's own: power-law frequencies, an optional two-level hierarchy at random
+    ranks, grouped correlation) or `synthsaebench` (the published SynthSAEBench model: Zipf frequencies, a
+    deep hierarchy of mutually exclusive children among the most frequent features, low-rank correlation)."""
     n_features: int = Field(1024, gt=1)
     """Number of true feature directions (more than --d-model gives superposition)."""
     d_model: int = Field(128, gt=0)
@@ -71,24 +92,50 @@ class SynthConfig(StageConfig):
     """Number of tokens to generate (rounded up to whole contexts)."""
     context_size: int = Field(128, gt=0)
     """Tokens per context (positions are independent draws; contexts only give the store its grid)."""
-    freq_max: float = Field(0.1, gt=0, le=1)
-    """Per-token probability of the most frequent feature."""
-    freq_min: float = Field(1e-4, gt=0, le=1)
-    """Per-token probability of the rarest feature; frequencies follow a power law in rank between the two."""
+    freq_max: float | None = Field(None, gt=0, le=1)
+    """Per-token probability of the most frequent feature (default 0.1 for powerlaw, 0.4 for synthsaebench)."""
+    freq_min: float | None = Field(None, gt=0, le=1)
+    """Per-token probability of the rarest feature (default 1e-4 for powerlaw, 5e-4 for synthsaebench)."""
     magnitude: Literal["constant", "uniform", "lognormal"] = "lognormal"
-    """Distribution of a present feature's value (mean 1)."""
+    """powerlaw: distribution of a present feature's value (mean 1)."""
     magnitude_cv: float = Field(0.3, ge=0)
-    """Coefficient of variation of the value (std / mean); uniform allows at most 1/sqrt(3)."""
+    """powerlaw: coefficient of variation of the value (std / mean); uniform allows at most 1/sqrt(3)."""
     n_parents: int = Field(0, ge=0)
-    """Parent features in the hierarchy (0: no hierarchy)."""
+    """powerlaw: parent features in the hierarchy (0: no hierarchy)."""
     children_per_parent: int = Field(2, ge=1)
-    """Mutually exclusive children of each parent; a child fires only together with its parent."""
+    """powerlaw: mutually exclusive children of each parent; a child fires only together with its parent."""
     child_coverage: float = Field(1.0, gt=0, le=1)
-    """Probability that a present parent carries one of its children."""
+    """powerlaw: probability that a present parent carries one of its children."""
     correlation: float = Field(0.0, ge=0, lt=1)
-    """Fraction of each root feature's occurrences drawn from its group's shared events (0: independent)."""
+    """powerlaw: fraction of each root feature's occurrences drawn from its group's shared events."""
     correlation_group_size: int = Field(4, ge=2)
-    """Features per correlation group."""
+    """powerlaw: features per correlation group."""
+    zipf_exponent: float = Field(0.5, gt=0)
+    """synthsaebench: frequencies are rank ** -zipf_exponent rescaled onto [freq_min, freq_max]."""
+    hierarchy_roots: int | None = Field(None, ge=0)
+    """synthsaebench: trees in the hierarchy, rooted at the most frequent features (default n_features / 128)."""
+    hierarchy_branching: int = Field(4, ge=1)
+    """synthsaebench: children of every node above the deepest level (mutually exclusive siblings)."""
+    hierarchy_depth: int = Field(3, ge=0)
+    """synthsaebench: levels of children below each root."""
+    magnitude_mean_start: float = Field(5.0, gt=0)
+    """synthsaebench: mean value of the most frequent feature (means fall linearly with rank)."""
+    magnitude_mean_end: float = Field(4.0, gt=0)
+    """synthsaebench: mean value of the rarest feature."""
+    magnitude_std_mean: float = Field(0.5, ge=0)
+    """synthsaebench: per-feature value stds are |N(magnitude_std_mean, magnitude_std_std)|."""
+    magnitude_std_std: float = Field(0.5, ge=0)
+    """synthsaebench: see magnitude_std_mean."""
+    correlation_rank: int = Field(25, ge=0)
+    """synthsaebench: rank of the low-rank correlation of the Gaussian copula (0: independent)."""
+    correlation_scale: float = Field(0.1, ge=0)
+    """synthsaebench: std of the correlation factor's entries."""
+    orthogonalize_steps: int = Field(100, ge=0)
+    """synthsaebench: Adam steps pushing the random directions apart."""
+    orthogonalize_lr: float = Field(3e-4, gt=0)
+    """synthsaebench: learning rate of those steps."""
+    bias_norm: float = Field(0.5, ge=0)
+    """synthsaebench: norm of the random bias added to every row."""
     noise_std: float = Field(0.0, ge=0)
     """Std of isotropic Gaussian noise added to every coordinate."""
     dtype: Literal["float16", "float32"] = "float32"
@@ -100,117 +147,52 @@ class SynthConfig(StageConfig):
     seed: int = 0
     """Seed of the features and of every shard's draws."""
 
+    def resolved(self, name: str) -> float:
+        """A field whose default depends on the recipe."""
+        value = getattr(self, name)
+        return RECIPE_DEFAULTS[self.recipe][name] if value is None else value
+
     @model_validator(mode="after")
     def _check(self) -> SynthConfig:
-        if self.freq_min > self.freq_max:
+        if self.resolved("freq_min") > self.resolved("freq_max"):
             raise ValueError("freq_min must be at most freq_max")
         if self.n_parents * (1 + self.children_per_parent) > self.n_features:
             raise ValueError("n_parents * (1 + children_per_parent) must be at most n_features")
         if self.magnitude == "uniform" and self.magnitude_cv > 1 / math.sqrt(3):
             raise ValueError("uniform magnitudes allow magnitude_cv at most 1/sqrt(3) ~ 0.577")
+        if self.recipe == "synthsaebench" and self.resolved("freq_min") == self.resolved("freq_max"):
+            raise ValueError("synthsaebench needs freq_min < freq_max")
         return self
 
 
-@dataclass(frozen=True)
-class Features:
-    """The true features; arrays are indexed by feature (index = power-law frequency rank)."""
-
-    directions: np.ndarray  # [n, d] float32, unit rows
-    frequencies: np.ndarray  # [n] float64, exact marginal per-token probability
-    parent: np.ndarray  # [n] int64, -1 for none
-    group: np.ndarray  # [n] int64, -1 for none
-    share: np.ndarray  # [n] float64: P(this child | parent present); 0 for non-children
-    alpha: float
-
-    def fingerprint(self) -> str:
-        return features_fingerprint(self.directions, self.frequencies, self.parent, self.group)
+def make_features(cfg: SynthConfig) -> PowerLawFeatures | BenchFeatures:
+    """The true features of `cfg`'s recipe: a pure function of the config."""
+    return (bench_features if cfg.recipe == "synthsaebench" else powerlaw_features)(cfg)
 
 
 def features_fingerprint(
-    directions: np.ndarray, frequencies: np.ndarray, parent: np.ndarray, group: np.ndarray
+    directions: np.ndarray, frequencies: np.ndarray, parent: np.ndarray, group: np.ndarray, bias=None
 ) -> str:
-    """sha256 over the true features: the store's `model.fingerprint`, so an SAE can't be scored on the wrong set."""
+    """sha256 over the true features: the store's `model.fingerprint`, so an SAE can't be scored on the wrong
+    set (a zero bias is left out, so sets written before biases existed keep their fingerprint)."""
     h = hashlib.sha256()
-    for a in (
+    arrays = [
         directions.astype(np.float32),
         frequencies.astype(np.float64),
         parent.astype(np.int64),
         group.astype(np.int64),
-    ):
+    ]
+    if bias is not None and np.any(bias):
+        arrays.append(np.asarray(bias, dtype=np.float32))
+    for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
 
-def make_features(cfg: SynthConfig) -> Features:
-    """Directions, power-law frequencies, hierarchy and groups: a pure function of the config."""
-    n, rng = cfg.n_features, np.random.default_rng([cfg.seed, 0])
-    directions = rng.standard_normal((n, cfg.d_model))
-    directions = (directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32)
-    alpha = math.log(cfg.freq_max / cfg.freq_min) / math.log(n)
-    freq = cfg.freq_max * (np.arange(1, n + 1, dtype=np.float64) ** -alpha)
-    parent, group, share = np.full(n, -1), np.full(n, -1), np.zeros(n)
-    perm = rng.permutation(n)
-    k, n_par = cfg.children_per_parent, cfg.n_parents
-    for g, p in enumerate(perm[:n_par]):
-        kids = perm[n_par + g * k : n_par + (g + 1) * k]
-        parent[kids] = p
-        share[kids] = cfg.child_coverage * freq[kids] / freq[kids].sum()
-        freq[kids] = freq[p] * share[kids]
-    if cfg.correlation > 0:
-        roots = rng.permutation(np.flatnonzero(parent < 0))
-        group[roots] = np.arange(len(roots)) // cfg.correlation_group_size
-    return Features(directions, freq, parent, group, share, alpha)
-
-
-def _bernoulli_positions(rng: np.random.Generator, n: int, p: float) -> np.ndarray:
-    """Sorted positions in [0, n) of independent Bernoulli(p) successes, in O(successes)."""
-    return np.sort(rng.choice(n, size=rng.binomial(n, p), replace=False))
-
-
-def _magnitudes(rng: np.random.Generator, cfg: SynthConfig, size: int) -> np.ndarray:
-    c = cfg.magnitude_cv
-    if cfg.magnitude == "constant" or c == 0:
-        return np.ones(size)
-    if cfg.magnitude == "uniform":
-        return rng.uniform(1 - c * math.sqrt(3), 1 + c * math.sqrt(3), size)
-    s2 = math.log1p(c * c)
-    return rng.lognormal(-s2 / 2, math.sqrt(s2), size)
-
-
-def sample_codes(
-    features: Features, cfg: SynthConfig, n_tokens: int, rng: np.random.Generator
-) -> sp.csr_matrix:
-    """True codes of `n_tokens` tokens: CSR [n_tokens, n_features] float32 of the present features' values."""
-    n = len(features.frequencies)
-    present: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * n
-    rho, freq = cfg.correlation, features.frequencies
-    events = {}
-    if rho > 0:
-        for g in np.unique(features.group[features.group >= 0]):
-            events[g] = _bernoulli_positions(rng, n_tokens, freq[features.group == g].max())
-    for i in np.flatnonzero(features.parent < 0):
-        g = features.group[i]
-        if g < 0:
-            present[i] = _bernoulli_positions(rng, n_tokens, freq[i])
-            continue
-        # Thin the group's events to rho * p_i, then add independent draws scaled so P(union) = p_i.
-        ev = events[g]
-        shared = ev[rng.random(len(ev)) < rho * freq[i] / freq[features.group == g].max()]
-        own = _bernoulli_positions(rng, n_tokens, (1 - rho) * freq[i] / (1 - rho * freq[i]))
-        present[i] = np.union1d(shared, own)
-    for p in np.unique(features.parent[features.parent >= 0]):
-        kids = np.flatnonzero(features.parent == p)
-        u = rng.random(len(present[p]))  # one draw per parent occurrence picks at most one child
-        edges = np.cumsum(features.share[kids])
-        which = np.searchsorted(edges, u, side="right")
-        for j, kid in enumerate(kids):
-            present[kid] = present[p][which == j]
-    rows = np.concatenate(present)
-    cols = np.repeat(np.arange(n), [len(x) for x in present])
-    vals = _magnitudes(rng, cfg, len(rows)).astype(np.float32)
-    codes = sp.csr_matrix((vals, (rows, cols)), shape=(n_tokens, n), dtype=np.float32)
-    codes.sort_indices()
-    return codes
+def fingerprint_of(features: PowerLawFeatures | BenchFeatures) -> str:
+    return features_fingerprint(
+        features.directions, features.frequencies, features.parent, features.group, features.bias
+    )
 
 
 def _token_hints(codes: sp.csr_matrix) -> np.ndarray:
@@ -223,12 +205,12 @@ def _token_hints(codes: sp.csr_matrix) -> np.ndarray:
     return out
 
 
-def _settings(cfg: SynthConfig, features: Features) -> dict:
+def _settings(cfg: SynthConfig, features: PowerLawFeatures | BenchFeatures) -> dict:
     """The store settings a synthetic store records (a resume must match them exactly)."""
     return {
         "model": {
             "name": "synthetic",
-            "fingerprint": features.fingerprint(),
+            "fingerprint": fingerprint_of(features),
             "d_model": cfg.d_model,
             "n_layers": 0,
             "dtype": "float32",
@@ -255,7 +237,12 @@ def _settings(cfg: SynthConfig, features: Features) -> dict:
 
 
 def _public_config(cfg: SynthConfig) -> dict:
-    return cfg.model_dump(exclude={"out"})
+    """The config a set records: shared fields resolved, plus only its own recipe's fields."""
+    own = set(RECIPE_FIELDS[cfg.recipe])
+    other = {f for fields in RECIPE_FIELDS.values() for f in fields} - own
+    out = cfg.model_dump(exclude={"out", *other})
+    out.update(freq_max=cfg.resolved("freq_max"), freq_min=cfg.resolved("freq_min"))
+    return out
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -268,12 +255,14 @@ def _shard_codes_path(truth: Path, shard: int) -> Path:
     return truth / "codes" / f"shard-{shard:06d}.safetensors"
 
 
-def _write_truth(truth: Path, cfg: SynthConfig, features: Features, shard_contexts: int) -> None:
+def _write_truth(
+    truth: Path, cfg: SynthConfig, features: PowerLawFeatures | BenchFeatures, shard_contexts: int
+) -> None:
     meta = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "config": _public_config(cfg),
-        "alpha": features.alpha,
+        **features.summary(),
         "shard_contexts": shard_contexts,
         "store": "../store",
     }
@@ -289,6 +278,8 @@ def _write_truth(truth: Path, cfg: SynthConfig, features: Features, shard_contex
         return
     (truth / "codes").mkdir(parents=True, exist_ok=True)
     arrays = {k: getattr(features, k) for k in ("directions", "frequencies", "parent", "group")}
+    if np.any(features.bias):
+        arrays["bias"] = features.bias
     _write_atomic(truth / "features.safetensors", lambda p: save_file(arrays, str(p)))
     _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
 
@@ -326,10 +317,8 @@ def generate(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     while writer.n_contexts < target:
         start = writer.n_contexts
         n_ctx = min(shard_contexts, target - start)
-        codes = sample_codes(
-            features, cfg, n_ctx * T, np.random.default_rng([cfg.seed, 1, start // shard_contexts])
-        )
-        acts = np.asarray(codes @ features.directions.astype(np.float64))
+        codes = features.sample_codes(n_ctx * T, (cfg.seed, 1, start // shard_contexts))
+        acts = np.asarray(codes @ features.directions.astype(np.float64)) + features.bias.astype(np.float64)
         if cfg.noise_std > 0:
             noise_rng = np.random.default_rng([cfg.seed, 2, start // shard_contexts])
             acts += cfg.noise_std * noise_rng.standard_normal(acts.shape)
@@ -370,6 +359,7 @@ class TruthSet:
         self.frequencies: np.ndarray = arrays["frequencies"]  # [n]
         self.parent: np.ndarray = arrays["parent"]  # [n]
         self.group: np.ndarray = arrays["group"]  # [n]
+        self.bias: np.ndarray = arrays.get("bias", np.zeros(self.directions.shape[1], dtype=np.float32))
         self.context_size = int(self.meta["config"]["context_size"])
         self.shard_contexts = int(self.meta["shard_contexts"])
         self._cache: tuple[int, sp.csr_matrix] | None = None
@@ -380,7 +370,7 @@ class TruthSet:
 
     @property
     def fingerprint(self) -> str:
-        return features_fingerprint(self.directions, self.frequencies, self.parent, self.group)
+        return features_fingerprint(self.directions, self.frequencies, self.parent, self.group, self.bias)
 
     @property
     def n_features(self) -> int:
@@ -419,7 +409,7 @@ def run(cfg: SynthConfig) -> int:
     print(
         f"synthetic set {res.out}: {res.n_tokens:,} tokens in {res.out}/store (hook {HOOK!r}), "
         f"{truth.n_features} features in d={cfg.d_model}, frequencies {truth.frequencies.max():.2g}"
-        f"..{truth.frequencies.min():.2g} (power law, alpha {truth.meta['alpha']:.3f}), true L0 "
+        f"..{truth.frequencies.min():.2g} ({cfg.recipe}), true L0 "
         f"{truth.frequencies.sum():.2f}; "
         f"{res.tokens_written_now / max(res.seconds, 1e-9):,.0f} tokens/s"
     )

@@ -1,7 +1,7 @@
 """Recovery metrics give the known answers on hand-built dictionaries and equal brute-force references.
 
 A perfect dictionary scores 1 everywhere; one missing feature j loses exactly j; a feature split over two
-latents has spread 2; a child latent that took over its parent's firing shows absorption 1.
+latents has spread 2; a parent whose latent is silent where its children are is absorbed (rate 1 when its latent is missing).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import chromium_driver, chromium_missing
 from safetensors.numpy import save_file
 
+from saepipe.analyze.absorption_page import write_absorption_page
 from saepipe.analyze.recovery import (
     RecoveryAccumulator,
     Thresholds,
@@ -155,10 +157,9 @@ def test_hungarian_equals_brute_force():
     assert match_directions(cos).matched_score == pytest.approx(best / 5)
 
 
-def test_absorption_of_parent_by_child():
-    """Child c1's latent points along parent + c1 and fires in the parent latent's place: absorption 1."""
-    rng = np.random.default_rng(5)
-    k = 6  # features: 0 parent, 1 and 2 its children, 3..5 independent
+def _hierarchy_world(rng):
+    """Feature 0 a parent with children 1 and 2 (exclusive, always with it), 3..5 independent."""
+    k = 6
     directions = _unit(rng, k, d)
     parent = np.array([-1, 0, 0, -1, -1, -1])
     T = 2000
@@ -168,6 +169,12 @@ def test_absorption_of_parent_by_child():
     pres[:, 1] = pres[:, 0] & (u < 0.4)
     pres[:, 2] = pres[:, 0] & (u >= 0.4) & (u < 0.7)
     pres[:, 3:] = rng.random((T, 3)) < 0.1
+    return directions, parent, pres
+
+
+def test_absorption_of_parent_by_child():
+    """Child 1's latent points along parent + child 1 and fires in the parent latent's place."""
+    directions, parent, pres = _hierarchy_world(np.random.default_rng(5))
     codes = sp.csr_matrix(pres * 1.0)
     latents = pres * 1.0
     latents[pres[:, 1], 0] = 0  # the parent latent is silent where child 1 is present
@@ -175,14 +182,51 @@ def test_absorption_of_parent_by_child():
     decoder[1] = directions[0] + directions[1]
     freq = pres.mean(0)
     rep = recovery_metrics(directions, freq, parent, decoder, codes, latents, Thresholds(n_bins=3))
-    by_child = {a["child"]: a for a in rep.absorption}
-    assert by_child[1]["absorption_rate"] == 1 and by_child[2]["absorption_rate"] == 0
-    assert by_child[1]["child_tokens"] == pres[:, 1].sum()
-    expect = decoder[1] @ directions[0] / np.linalg.norm(decoder[1])
-    assert by_child[1]["child_latent_parent_cos"] == pytest.approx(expect)
-    assert by_child[2]["child_latent_parent_cos"] == pytest.approx(directions[2] @ directions[0])
+    (row,) = rep.absorption
+    with_child = pres[:, 1] | pres[:, 2]
+    assert row["parent"] == 0 and row["parent_latent"] == 0 and row["child_tokens"] == with_child.sum()
+    assert row["silent_tokens"] == pres[:, 1].sum()
+    assert rep.absorption_rate == pytest.approx(pres[:, 1].sum() / with_child.sum())
+    taker = row["takers"][0]  # latent 1 fires on every silent token and carries the parent's direction
+    assert taker["latent"] == 1 and taker["fraction_of_silent"] == 1
+    assert taker["cos_to_parent"] == pytest.approx(decoder[1] @ directions[0] / np.linalg.norm(decoder[1]))
     clean = recovery_metrics(directions, freq, parent, directions, codes, pres * 1.0)
-    assert [a["absorption_rate"] for a in clean.absorption] == [0, 0]
+    assert clean.absorption_rate == 0 and clean.absorption[0]["takers"] == []
+
+
+def test_perfect_sae_has_mcc_f1_one_and_no_absorption():
+    directions, parent, pres = _hierarchy_world(np.random.default_rng(6))
+    perm = np.random.default_rng(7).permutation(len(parent))
+    codes = sp.csr_matrix(pres * 1.0)
+    rep = recovery_metrics(directions, pres.mean(0), parent, directions[perm], codes, pres[:, perm] * 1.0)
+    assert rep.mcc == pytest.approx(1) and rep.f1 == pytest.approx(1) and rep.absorption_rate == 0
+
+
+def test_sae_missing_a_parent_scores_it_absorbed():
+    """Without a latent for the parent, its best latent (another feature's) is silent wherever that other
+    feature is absent: the parent scores as absorbed, and the children's latents are the takers."""
+    directions, parent, pres = _hierarchy_world(np.random.default_rng(8))
+    keep = [1, 2, 3, 4, 5]
+    codes = sp.csr_matrix(pres * 1.0)
+    rep = recovery_metrics(directions, pres.mean(0), parent, directions[keep], codes, pres[:, keep] * 1.0)
+    (row,) = rep.absorption
+    stand_in = keep[int(np.argmax(directions[keep] @ directions[0]))]
+    assert row["parent_latent"] == keep.index(stand_in) and stand_in not in (1, 2)  # not a child's latent
+    with_child = pres[:, 1] | pres[:, 2]
+    assert (
+        rep.absorption_rate == pytest.approx((~pres[with_child, stand_in]).mean())
+        and rep.absorption_rate > 0.8
+    )
+    assert {t["latent"] for t in row["takers"]} >= {0, 1}
+
+
+def test_mcc_equals_brute_force():
+    """MCC: mean |cos| over the best one-to-one matching of the smaller side (4 features, 6 latents)."""
+    cos = np.random.default_rng(9).uniform(-1, 1, (4, 6))
+    best = max(sum(abs(cos[r, p[r]]) for r in range(4)) for p in itertools.permutations(range(6), 4))
+    assert match_directions(cos).mcc == pytest.approx(best / 4)
+    wide = cos.T  # 6 features, 4 latents: still 4 pairs
+    assert match_directions(wide).mcc == pytest.approx(best / 4)
 
 
 def test_frequency_bins_most_frequent_first():
@@ -232,7 +276,7 @@ def test_command_equals_in_memory_reference(tmp_path, capsys):
     for key, value in ref_json.items():
         _assert_close(got[key], value)
     assert got["per_latent"]["fires"] == ref_json["per_latent"]["fires"]
-    assert len(got["absorption"]) == 4 and 0 < got["mean_feature_best_f1"] < 1
+    assert len(got["absorption"]) == 2 and 0 < got["mean_feature_best_f1"] < 1
 
 
 def test_sae_from_another_set_is_refused(tmp_path, capsys):
@@ -258,3 +302,31 @@ def _assert_close(a, b):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-9)
     else:
         assert a == b
+
+
+def test_absorption_page_links_lost_parents_to_their_takers(tmp_path):
+    """The page beside a recovery report, in a real browser: the absorbed parent's row links to the latent
+    that took its place, whose entry names that parent back."""
+    reason = chromium_missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+
+    directions, parent, pres = _hierarchy_world(np.random.default_rng(5))
+    latents = pres * 1.0
+    latents[pres[:, 1], 0] = 0  # latent 1 (child 1's) fires where the parent's latent 0 is silent
+    decoder = directions.copy()
+    decoder[1] = directions[0] + directions[1]
+    rep = recovery_metrics(directions, pres.mean(0), parent, decoder, sp.csr_matrix(pres * 1.0), latents)
+    page = write_absorption_page(json.loads(json.dumps(asdict(rep))), tmp_path / "rec.json", "toy")
+    driver = chromium_driver(tmp_path / "profile")
+    try:
+        driver.get(page.as_uri())
+        row = driver.find_element(By.ID, "parent-0")
+        assert f"{rep.absorption_rate:.3f}" in row.text
+        row.find_element(By.LINK_TEXT, "latent 1").click()
+        assert driver.current_url.endswith("#latent-1")
+        taker = driver.find_element(By.ID, "latent-1")
+        assert "feature 0" in taker.text and taker.is_displayed()
+    finally:
+        driver.quit()

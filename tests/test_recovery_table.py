@@ -110,3 +110,23 @@ def test_load_reports_and_frontier_metrics(tmp_path):
     assert frontier_metrics(rows) == {
         "relu-w64": {"architecture": "relu", "d_sae": 64, "l0": 2.0, "fvu": 0.1}
     }
+
+
+def test_budget_and_synthsaebench_columns():
+    """Budget-curve names (-t<tokens>) give a samples column in budget order; MCC, F1 and absorption show
+    when the reports carry them."""
+    reports = {
+        f"topk-w64-k4-t{t}": {
+            **_report([1.0, 0.5, 0.2], [0.99, 0.9, 0.6], 0.8),
+            "mcc": m,
+            "f1": 0.5,
+            "absorption_rate": 0.1,
+        }
+        for t, m in ((8 * 2**20, 0.7), (2 * 2**20, 0.6))
+    }
+    table = recovery_table(reports)
+    assert [r["tokens"] for r in table.data["rows"]] == [2 * 2**20, 8 * 2**20]
+    head = [c.strip() for c in table.markdown.splitlines()[0].strip("|").split("|")]
+    assert head[:3] == ["architecture", "width", "samples"] and {"MCC", "F1", "absorption"} <= set(head)
+    first = [c.strip() for c in table.markdown.splitlines()[2].strip("|").split("|")]
+    assert first[2] == "2Mi" and first[head.index("MCC")] == "0.600"

@@ -72,6 +72,8 @@ def test_replicates_pair_up_and_the_verdict_reads_the_worst_pair():
     ]
     ladder, pairs = seed_groups(cfgs)
     assert ladder == [0, 2, 3] and pairs == [(0, 1)]
+    budgets = [{"architecture": "topk", "d_sae": 512, "k": 32, "tokens": t} for t in (1000, 2000)]
+    assert seed_groups(budgets) == ([0, 1], []), "two budgets of one width are not seed replicates"
     pair = {"architecture": "topk", "d_sae": 512, "k": 32, "stability": {"agreement": 0.2, "threshold": 0.7}}
     assert baseline_for({"architecture": "topk", "d_sae": 1024, "k": 32}, [pair]) is pair
     assert baseline_for({"architecture": "relu", "d_sae": 1024, "k": None}, [pair]) is None

@@ -17,7 +17,7 @@ import pytest
 
 from saepipe.cli import main
 from saepipe.harvest import open_store
-from saepipe.harvest.synthetic import SynthConfig, generate, make_features, open_truth
+from saepipe.harvest.synthetic import SynthConfig, fingerprint_of, generate, make_features, open_truth
 
 SMALL = {
     "n_features": 64,
@@ -138,7 +138,7 @@ def test_deterministic_and_seeded(tmp_path, synth):
     generate(SynthConfig(out=str(again), **SMALL), progress=False)
     assert _digest(again) == _digest(synth)
     other = make_features(SynthConfig(out="x", seed=1, **SMALL))
-    assert other.fingerprint() != open_truth(str(synth)).fingerprint
+    assert fingerprint_of(other) != open_truth(str(synth)).fingerprint
 
 
 def _committed(store: Path) -> int:

@@ -55,3 +55,31 @@ def test_two_seeds_in_one_pass(tiny_store, tmp_path):
     assert cfg_one["saepipe"]["training"]["seed"] == 0 and "seed" not in cfg_one["saepipe"]
     cfg_s1 = json.loads((tmp_path / "both" / "topk-w32-k4-s1" / "cfg.json").read_text())
     assert cfg_s1["saepipe"]["seed"] == 1 and cfg_s1["saepipe"]["training"]["seed"] == [0, 1]
+
+
+def test_seeds_compose_with_budgets_and_also_grids():
+    """Names carry -t<tokens> then -s<seed>; the budgets of one (arch, width, k, seed) start from the same
+    weights, another seed from other weights, and the first seed's starts are a single-seed run's."""
+    from saepipe.train.trainer import build_saes
+
+    kw = dict(stores=["s"], hook="h", out="o", width=[32], k=[4], tokens=[1000, 2000])
+    kw["also"] = [{"width": [64], "tokens": [2000]}]
+    two = TrainConfig(**kw, seed=[0, 1], seed_widths=[32])
+    assert [(s.name, s.tokens, s.seed) for s in two.specs()] == [
+        ("topk-w32-k4-t1000", 1000, 0),
+        ("topk-w32-k4-t2000", 2000, 0),
+        ("topk-w64-k4-t2000", 2000, 0),
+        ("topk-w32-k4-t1000-s1", 1000, 1),
+        ("topk-w32-k4-t2000-s1", 2000, 1),
+    ]
+    built = build_saes(two, 16)
+    single = build_saes(TrainConfig(**kw), 16)
+    w = {name: sae.W_dec.detach() for name, sae in built.items()}
+    assert (w["topk-w32-k4-t1000"] == w["topk-w32-k4-t2000"]).all()
+    assert (w["topk-w32-k4-t1000-s1"] == w["topk-w32-k4-t2000-s1"]).all()
+    assert (w["topk-w32-k4-t1000"] - w["topk-w32-k4-t1000-s1"]).abs().max() > 1e-2
+    assert sorted(single) == [n for n in sorted(built) if not n.endswith("-s1")]
+    for name, sae in single.items():
+        assert (sae.W_dec.detach() == w[name]).all() and (
+            sae.W_enc.detach() == built[name].W_enc.detach()
+        ).all()

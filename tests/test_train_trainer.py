@@ -6,11 +6,12 @@ from itertools import pairwise
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 from scipy.optimize import minimize
 
 from saepipe.cli import main
 from saepipe.train.config import TrainConfig
-from saepipe.train.trainer import geometric_median, lr_at, sparsity_at
+from saepipe.train.trainer import geometric_median, k_at, lr_at, sparsity_at
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -25,6 +26,15 @@ def test_schedules():
     assert all(a <= b for a, b in pairwise(lrs[:11]))
     scales = [sparsity_at(s, 100, cfg) for s in range(100)]
     assert scales[0] == 0.02 and scales[49] == 1.0 and scales[-1] == 1.0
+
+
+def test_k_anneal_falls_linearly_to_k_then_stops():
+    cfg = TrainConfig(stores=["s"], hook="h", out="o", k_anneal=0.5, k_anneal_start=4.0)
+    ks = [k_at(s, 100, cfg, 10, 2048) for s in range(100)]
+    assert ks[0] == 40 and ks[25] == round(10 * (4 - 3 * 0.5)) and all(a >= b for a, b in pairwise(ks[:50]))
+    assert ks[50:] == [None] * 50  # past the anneal the SAE's own k applies (inference always uses it)
+    assert k_at(0, 100, cfg, 1000, 2048) == 2048  # never above the width
+    assert k_at(0, 100, TrainConfig(stores=["s"], hook="h", out="o"), 10, 2048) is None
 
 
 def test_geometric_median_minimises_the_sum_of_distances():
@@ -62,3 +72,39 @@ def test_user_mistakes_are_one_line_errors(tiny_store, tmp_path, capsys):
     assert main(run) == 0
     assert main([*run, "--lr", "0.1"]) == 2
     assert "was started with lr=" in capsys.readouterr().err
+
+
+def test_budgets_from_one_pass_equal_separate_runs(tiny_store, tmp_path):
+    """`--tokens A B` trains each SAE at both budgets from one pass: the budget-A SAE is exactly the SAE a
+    run with `--tokens A` alone gives (same start, same first part of the stream, its own schedule)."""
+    base = ["train", "--store", str(tiny_store), "--hook", HOOK, "--device", "cpu", "--arch", "topk"]
+    base += ["--arch", "batchtopk", "--width", "32", "--k", "4", "--batch-size", "32", "--lr", "3e-3"]
+    assert main([*base, "--out", str(tmp_path / "both"), "--tokens", "960", "2560"]) == 0
+    assert main([*base, "--out", str(tmp_path / "short"), "--tokens", "960"]) == 0
+    for arch in ("topk", "batchtopk"):
+        both = load_file(str(tmp_path / "both" / f"{arch}-w32-k4-t960" / "sae_weights.safetensors"))
+        alone = load_file(str(tmp_path / "short" / f"{arch}-w32-k4" / "sae_weights.safetensors"))
+        assert both.keys() == alone.keys()
+        for name in both:
+            np.testing.assert_array_equal(both[name], alone[name])
+        longer = load_file(str(tmp_path / "both" / f"{arch}-w32-k4-t2560" / "sae_weights.safetensors"))
+        assert not np.array_equal(longer["W_dec"], both["W_dec"])  # the longer budget kept training
+
+
+def test_dead_window_scales_with_the_run_and_never_exceeds_it(tiny_store, tmp_path, capsys):
+    cfg = TrainConfig(stores=["s"], hook="h", out="o", tokens=[2_000_000, 400_000_000])
+    assert cfg.resolved_dead_window(2_000_000) == 100_000 and cfg.resolved_dead_window(400_000_000) == 10**7
+    base = [
+        "train",
+        "--store",
+        str(tiny_store),
+        "--hook",
+        HOOK,
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert main([*base, "--tokens", "640", "--dead-window", "1000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not shorter than the run" in err and not (tmp_path / "x").exists()

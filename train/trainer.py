@@ -13,6 +13,7 @@ Both are pure functions of the step, so the "scheduler state" in a checkpoint is
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import os
 import time
@@ -27,15 +28,17 @@ from saepipe.errors import SaepipeError
 from saepipe.harvest.harvester import probe_writable
 from saepipe.harvest.models import resolve_device
 from saepipe.train import checkpoint, distributed, token_norm
-from saepipe.train.config import TrainConfig
+from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
+from saepipe.train.monitor import Monitor, details
 from saepipe.train.sae_dir import save_sae
-from saepipe.train.saes import SAE, build_sae
+from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 from saepipe.train.step import make_optimizer, sae_step
 
 # Settings that may change between a run and its resumption without changing the result.
 FREE_TO_CHANGE = {"log_every", "checkpoint_every", "wandb", "wandb_project", "device", "resume"}
+FREE_TO_CHANGE |= {"eval_every", "eval_contexts"}  # what train/monitor.py logs, not what is trained
 
 
 @dataclass
@@ -58,6 +61,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if decay and step >= total - decay:
         factor = min(factor, (total - step) / decay)
     return cfg.lr * factor
+
+
+def k_at(step: int, total: int, cfg: TrainConfig, k: int | None, width: int) -> int | None:
+    """The training k at `step`: k_anneal_start x k falling linearly to k over the first k_anneal of steps."""
+    span = round(cfg.k_anneal * total)
+    if k is None or span == 0 or step >= span:
+        return None
+    return min(width, round(k * (cfg.k_anneal_start - (cfg.k_anneal_start - 1) * step / span)))
 
 
 def sparsity_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -90,22 +101,45 @@ def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
         return torch.from_numpy(np.asarray(mean * loader.scale, dtype=np.float32))
     sample = torch.from_numpy(loader.load_window(0, 0).rows[:8192])
     start = sample.double().mean(0) if cfg.b_dec_init == "mean" else geometric_median(sample)
-    return distributed.all_reduce_mean(start.float())
+    return distributed.all_reduce_mean(start.float().to(loader.device))  # NCCL wants CUDA
 
 
-def build_saes(cfg: TrainConfig, d_in: int) -> dict[str, SAE]:
-    """Freshly initialised SAEs of the run, seeded so every rank builds the same ones.
+def build_saes(cfg: TrainConfig, d_in: int, input_rms: float = 1.0) -> dict[str, SAE]:
+    """Freshly initialised SAEs of the run, seeded so every rank builds the same ones. The budgets of one
+    (arch, width, k, seed) start from the same weights, so a budget curve differs in training length alone.
+    `input_rms` (RMS per dimension of what the SAEs see) converts settings given in its units.
 
     The SAEs of each seed are drawn in order from a generator reset to that seed, so the first seed's SAEs
     are exactly those a run with that seed alone builds, and another seed changes nothing else."""
-    saes = {}
+    specs = cfg.specs()
+    saes: dict[str, SAE] = {}
+    first: dict[tuple, SAE] = {}
     for seed in cfg.seed:
         torch.manual_seed(seed)
-        for spec in (s for s in cfg.specs() if s.seed == seed):
-            sae = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=spec.hparams)
-            sae.dead_window = cfg.dead_window
+        for spec in (s for s in specs if s.seed == seed):
+            key = (spec.arch, spec.width, spec.k, spec.seed)
+            if key not in first:
+                scaled = ARCHITECTURES[spec.arch].scaled_hparams
+                hparams = {k: v * input_rms if k in scaled else v for k, v in spec.hparams.items()}
+                first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=hparams)
+            sae = copy.deepcopy(first[key])
+            sae.dead_window = cfg.resolved_dead_window(spec.tokens)
+            sae.decoder_ortho = cfg.decoder_ortho
             saes[spec.name] = sae
     return saes
+
+
+def input_rms(loader: ActivationLoader) -> float:
+    """RMS per dimension of the training input (1 after --normalize or --token-norm), from the stores'
+    statistics."""
+    if loader.token_norm:
+        return 1.0  # every row is scaled to norm sqrt(d_model)
+    stats = [s.stats(loader.hook) for s in loader.stores]
+    count = sum(st.count for st in stats)
+    if count == 0:
+        return 1.0
+    msn = sum(st.count * st.mean_sq_norm for st in stats) / count
+    return float(np.sqrt(msn / loader.d_model)) * loader.scale
 
 
 def _compared(config: dict) -> dict:
@@ -139,9 +173,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow, drop_special=cfg.drop_special,
         special_token_ids=cfg.special_token_ids, drop_norm_above=cfg.drop_norm_above, token_norm=cfg.token_norm,
     )  # fmt: skip
+    monitor = Monitor(cfg, loader.stores[0], info.device, info.is_main)  # spliced evals (train/monitor.py)
     global_batch = cfg.batch_size * info.world_size
-    total = max(1, cfg.tokens // global_batch)
-    saes = {name: sae.to(info.device) for name, sae in build_saes(cfg, loader.d_model).items()}
+    totals = {s.name: max(1, s.tokens // global_batch) for s in specs}  # steps of each SAE
+    total = max(totals.values())
+    built = build_saes(cfg, loader.d_model, input_rms(loader))
+    saes = {name: sae.to(info.device) for name, sae in built.items()}
     optimizers = {name: make_optimizer(sae, cfg.lr) for name, sae in saes.items()}
 
     start_step, position, wandb_id = 0, StreamPosition(), None
@@ -155,7 +192,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         with torch.no_grad():
             for sae in saes.values():
                 sae.b_dec.copy_(b_dec)
-    if not distributed.all_agree(start_step):
+    if not distributed.all_agree(start_step, info.device):
         raise SaepipeError(
             f"ranks disagree on the checkpoint step in {out}; remove {out}/checkpoint to restart"
         )
@@ -173,17 +210,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         for step in range(start_step, total):
             batch = next(stream)
-            lr, scale = lr_at(step, total, cfg), sparsity_at(step, total, cfg)
             for name, sae in saes.items():
+                if step >= totals[name]:
+                    continue  # this SAE's budget is spent; the stream goes on for the larger ones
+                lr, scale = lr_at(step, totals[name], cfg), sparsity_at(step, totals[name], cfg)
+                sae.train_k = k_at(step, totals[name], cfg, sae.k, sae.d_sae)
                 with autocast:
-                    res = sae_step(sae, optimizers[name], batch.x, lr, scale)
-                counts = distributed.all_reduce_sum(res.fire_counts)
-                metrics[name].add(res, batch.x, counts, global_batch)
+                    res = sae_step(sae, optimizers[name], batch.x, lr, scale, n_tokens=global_batch)
+                metrics[name].add(res.out, batch.x, res.fire_counts, res.n_tokens)
             done = step + 1
-            if done % cfg.log_every == 0 or done == total:
-                per_sae = {name: m.summary(saes[name]) for name, m in metrics.items()}
-                reporter.log(done, total, done * global_batch, per_sae)
+            if done % cfg.log_every == 0 or done == total or done in totals.values():
+                per_sae = {name: m.summary(saes[name]) for name, m in metrics.items() if m.steps}
+                schedule = lr_at(step, total, cfg), sparsity_at(step, total, cfg)  # of the longest budget
+                reporter.log(done, total, done * global_batch, per_sae, extra=details(*schedule, saes))
                 metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
+            if monitor.due(done, total):
+                reporter.log_extra(done, monitor.evaluate(done, saes, loader.scale))
             if done % cfg.checkpoint_every == 0 and done < total:
                 _check_finite(saes, done, out)  # never replace a good checkpoint with a diverged one
                 with _disk_full_is_an_error(out, f"the checkpoint of step {done:,}"):
@@ -195,7 +237,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     with _disk_full_is_an_error(out, "the SAE dirs"):
         if info.is_main:
             for spec in specs:
-                extra = _sae_extra(cfg, loader, total, global_batch)
+                extra = _sae_extra(cfg, loader, spec, totals[spec.name], global_batch)
                 if len(cfg.seed) > 1:  # which seed this one is (a single-seed run's dirs stay as they were)
                     extra["saepipe"]["seed"] = spec.seed
                 save_sae(
@@ -216,7 +258,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     )  # fmt: skip
 
 
-def _sae_extra(cfg: TrainConfig, loader: ActivationLoader, steps: int, global_batch: int) -> dict:
+def _sae_extra(
+    cfg: TrainConfig, loader: ActivationLoader, spec: SAESpec, steps: int, global_batch: int
+) -> dict:
     first = loader.stores[0]
     return {
         **({"normalize_activations": token_norm.CFG_VALUE} if cfg.token_norm else {}),
@@ -234,6 +278,8 @@ def _sae_extra(cfg: TrainConfig, loader: ActivationLoader, steps: int, global_ba
             ],
             "training": {
                 **cfg.model_dump(exclude={"wandb", "wandb_project", "resume", "device"}),
+                "tokens": spec.tokens,
+                "dead_window": cfg.resolved_dead_window(spec.tokens),
                 "steps": steps,
                 "global_batch": global_batch,
                 "world_size": distributed.world_size(),

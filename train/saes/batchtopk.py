@@ -12,8 +12,36 @@ from typing import Any, ClassVar
 
 import torch
 
-from saepipe.train.saes.base import SAE, StepContext
+from saepipe.train.saes.base import SAE, SparseCode, StepContext
+from saepipe.train.saes.sparse import dense_mode
 from saepipe.train.saes.topk import auxk_loss
+
+
+def batch_topk_support(
+    acts: torch.Tensor, k: int, per_row: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, latents) of the n * k largest entries of `acts` [n, d_sae], sorted by (row, latent).
+
+    Fast path: each row's `per_row` (default 4k) largest entries are candidates and the global top n * k is
+    taken among them; that is exact unless some row had every candidate chosen (it might hold more), in
+    which case the whole matrix is ranked. `batch_topk_reference` is the plain version (tests compare)."""
+    n, d_sae = acts.shape
+    m = min(d_sae, per_row or 4 * k)
+    if m == d_sae or dense_mode():
+        return batch_topk_reference(acts, k)
+    values, idx = acts.topk(m, dim=-1, sorted=False)
+    chosen = values.reshape(-1).topk(n * k, sorted=False).indices
+    rows = chosen // m
+    if int(torch.bincount(rows, minlength=n).max()) >= m:
+        return batch_topk_reference(acts, k)
+    flat = (rows * d_sae + idx.reshape(-1)[chosen]).sort().values
+    return flat // d_sae, flat % d_sae
+
+
+def batch_topk_reference(acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, d_sae = acts.shape
+    flat = acts.reshape(-1).topk(n * k, sorted=False).indices.sort().values
+    return flat // d_sae, flat % d_sae
 
 
 class BatchTopKSAE(SAE):
@@ -35,10 +63,14 @@ class BatchTopKSAE(SAE):
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)
 
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """Pairs above the threshold (and above 0, as encode's non-zero values are), from pre directly."""
+        pre = self.pre_acts(x)
+        rows, latents = torch.nonzero((pre > self.threshold) & (pre > 0), as_tuple=True)
+        return SparseCode(rows, latents, pre[rows, latents], x.shape[0])
+
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, d_sae = pre.shape
-        flat = torch.relu(pre).reshape(-1).topk(n * self.k, sorted=False).indices.sort().values
-        return flat // d_sae, flat % d_sae
+        return batch_topk_support(torch.relu(pre), self.active_k)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}

@@ -1,6 +1,7 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; the Gemma Scope recipe).
 
-f(x) = pre * H(pre - theta) with a learned per-latent threshold theta and an L0 penalty. H has no useful
+f(x) = pre * H(pre - theta) with a learned per-latent threshold theta and an L0 penalty. theta is
+log-parameterised (as in Gemma Scope), so Adam moves it by a relative step and it never crosses zero. H has no useful
 gradient, so both functions get straight-through pseudo-derivatives w.r.t. theta using a rectangle kernel
 of width `bandwidth`: only pairs with pre within bandwidth/2 of theta send theta a gradient, which is why
 the training support is pre > theta - bandwidth/2. Unit-norm decoder.
@@ -8,12 +9,13 @@ the training support is pre > theta - bandwidth/2. Unit-norm decoder.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from saepipe.train.saes.base import SAE, StepContext
+from saepipe.train.saes.base import SAE, SparseCode, StepContext
 
 
 def _window(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -56,15 +58,35 @@ class JumpReLUSAE(SAE):
         "l0_coefficient": 1.0,
         "bandwidth": 0.001,
         "threshold_init": 0.001,
+        "target_l0": None,
     }
+    scaled_hparams: ClassVar[tuple[str, ...]] = ("bandwidth", "threshold_init")
+    """Settings given in units of the input's RMS per dimension; the trainer converts them to input units."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.threshold = nn.Parameter(torch.full((self.d_sae,), float(self.hparams["threshold_init"])))
+        start = math.log(float(self.hparams["threshold_init"]))
+        self.log_threshold = nn.Parameter(torch.full((self.d_sae,), start))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def set_tensor(self, name: str, value: torch.Tensor) -> None:
+        if name == "threshold":
+            self.log_threshold.copy_(value.log())
+        else:
+            super().set_tensor(name, value)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """Pairs above the threshold (and above 0, as encode's non-zero values are), from pre directly."""
+        pre = self.pre_acts(x)
+        rows, latents = torch.nonzero((pre > self.threshold) & (pre > 0), as_tuple=True)
+        return SparseCode(rows, latents, pre[rows, latents], x.shape[0])
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lowest = self.threshold.detach() - self.hparams["bandwidth"] / 2
@@ -77,9 +99,6 @@ class JumpReLUSAE(SAE):
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         theta = self.threshold[ctx.code.latents]
         l0 = _Step.apply(ctx.pre_values, theta, self.hparams["bandwidth"]).sum() / ctx.code.n_tokens
-        return {"l0": self.hparams["l0_coefficient"] * ctx.sparsity_scale * l0}
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        super().after_optimizer_step()
-        self.threshold.clamp_(min=1e-6)  # a threshold at or below zero would make the latent a ReLU
+        target = self.hparams.get("target_l0")
+        penalty = (l0 / target - 1) ** 2 if target else l0
+        return {"l0": self.hparams["l0_coefficient"] * ctx.sparsity_scale * penalty}

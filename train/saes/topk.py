@@ -2,9 +2,12 @@
 autoencoders").
 
 Each token keeps its k largest ReLU pre-activations. AuxK reconstructs the main model's residual error
-with the top `auxk_k` latents among those that have been dead for the trainer's window, normalised by the
-error's variance and weighted 1/32, so latents that stopped firing get a gradient and come back.
-Decoder rows are unit norm.
+with the top `auxk_k` latents among those that have been dead for the trainer's window, so latents that
+stopped firing get a gradient and come back. As in Gao et al., the AuxK error is normalised by the
+residual's variance and weighted 1/32 relative to a reconstruction loss normalised by the input's
+variance; our reconstruction loss is the plain MSE, so the term is scaled by the batch's input variance
+(without it AuxK is ~1e-4 of the loss and dead latents take thousands of steps to return). Decoder rows
+are unit norm.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from saepipe.train.saes.base import SAE, StepContext, mse
+from saepipe.train.saes.base import SAE, SparseCode, StepContext, mse
 
 
 class TopKSAE(SAE):
@@ -26,8 +29,21 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, indices, values)
 
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """The k selected pairs per token straight from top-k, latents ascending, zeros dropped.
+
+        Top-k of pre then ReLU of the k values keeps the same positive pairs as encode's top-k of
+        ReLU(pre) (only zeros could differ, and they are dropped) without a ReLU pass over every latent.
+        """
+        values, indices = self.pre_acts(x).topk(self.k, dim=-1)
+        indices, order = indices.sort(dim=-1)
+        values = torch.relu(values.gather(-1, order))
+        keep = values > 0
+        rows = torch.arange(len(x), device=x.device)[:, None].expand_as(indices)
+        return SparseCode(rows[keep], indices[keep], values[keep], x.shape[0])
+
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows_of(pre.topk(self.k, dim=-1, sorted=False).indices)
+        return rows_of(pre.topk(self.active_k, dim=-1, sorted=False).indices)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}
@@ -54,4 +70,5 @@ def auxk_loss(sae: SAE, ctx: StepContext) -> torch.Tensor:
     error = (ctx.x - ctx.recon).detach()
     error_hat = sae.decode_code(code, with_bias=False)
     variance = (error - error.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    return coefficient * mse(error, error_hat) / variance
+    x_variance = (ctx.x - ctx.x.mean(0)).pow(2).sum(-1).mean().detach()
+    return coefficient * mse(error, error_hat) * x_variance / variance
