@@ -12,9 +12,11 @@ last two through saepipe.splice (train/faithfulness.py, shared with training's -
     zero      x -> 0
 
 Position 0 is left untouched in all three when the store has a BOS there: training never saw BOS
-activations (`iter_token_rows` drops them), and its huge norm would dominate every number. Losses are mean
-next-token cross-entropy over predictions made at spliced positions (the BOS position's own prediction is
-identical in all three runs and is left out).
+activations (`iter_token_rows` drops them), and its huge norm would dominate every number. So are the
+positions of tokens the SAE was trained without (`saepipe train --drop-special`: BOS/EOS ids wherever they
+occur, e.g. document separators; saepipe.analyze.inputs.excluded_tokens). Losses are mean next-token
+cross-entropy over predictions made from position 1 on when there is a BOS (the BOS position's own
+prediction is identical in all three runs and is left out).
 
     loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)    1 = perfect, 0 = no better than zero
     kl             = mean over those positions of KL(p_clean || p_spliced), nats
@@ -35,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from saepipe.analyze.config import EvaluateConfig
-from saepipe.analyze.inputs import open_inputs
+from saepipe.analyze.inputs import excluded_tokens, open_inputs
 from saepipe.errors import SaepipeError
 from saepipe.harvest.corpus import heldout_contexts
 from saepipe.harvest.models import load_model, resolve_device
@@ -117,7 +119,10 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
     skip_bos = bool(store.settings["prepend_bos"])  # the store put BOS at position 0: leave it untouched
     splice = Splice(sae, hook=inp.hook, observe=sums.observe)
     with tqdm(total=len(tokens), unit="ctx", desc="evaluate", disable=not progress) as bar:
-        (f,) = measure(model.bridge, [splice], tokens, cfg.batch_size, skip_bos, on_batch=bar.update)
+        (f,) = measure(
+            model.bridge, [splice], tokens, cfg.batch_size, skip_bos, on_batch=bar.update,
+            skip_tokens=excluded_tokens(sae.cfg, store),
+        )  # fmt: skip
     mean = sums.x_sum / sums.n_tok
     total_var = sums.x_sq - sums.n_tok * float((mean * mean).sum())
     return EvalResult(

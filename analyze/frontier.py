@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,14 +215,20 @@ class EncodedBatch:
 
 
 def encode_stream(
-    saes: list, store: Any, hook: str, batch_tokens: int, max_tokens: int | None = None
+    saes: list,
+    store: Any,
+    hook: str,
+    batch_tokens: int,
+    max_tokens: int | None = None,
+    drop_tokens: Iterable[int] = (),
 ) -> Iterator[EncodedBatch]:
-    """The store's rows in order (BOS dropped), `batch_tokens` at a time, encoded and decoded by each SAE."""
+    """The store's rows in order (BOS and positions holding `drop_tokens` left out), `batch_tokens` at a
+    time, encoded and decoded by each SAE."""
     import torch
 
     done = 0
     with torch.no_grad():
-        for acts, addr in store.iter_token_rows(hook):
+        for acts, addr in store.iter_token_rows(hook, drop_tokens=drop_tokens):
             for b in range(0, len(acts), batch_tokens):
                 take = batch_tokens if max_tokens is None else min(batch_tokens, max_tokens - done)
                 if take <= 0:

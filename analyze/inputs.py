@@ -52,3 +52,13 @@ def open_inputs(sae_path: str, store_path: str | None, hook: str | None, device:
             "(model fingerprints differ); give a store of the same model"
         )
     return Inputs(sae, store, hook)
+
+
+def excluded_tokens(sae_cfg: dict, store: ActivationStore) -> list[int]:
+    """Token ids whose positions the SAE never trained on (`saepipe train --drop-special`, the default
+    since issue 19): the store's BOS/EOS ids plus any --special-token-ids. Evaluation leaves them
+    untouched, like BOS. An SAE dir written before the flag existed trained on them: none."""
+    training = (sae_cfg.get("saepipe") or {}).get("training") or {}
+    if not training.get("drop_special", False):
+        return []
+    return sorted({*store.special_token_ids, *(int(t) for t in training.get("special_token_ids") or [])})

@@ -6,10 +6,12 @@ the store (`SparseTopN`, exact: a per-latent running top-n over the sparse codes
 writes, in the report dir:
 
     index.html, assets/dashboard.css (the analyze dashboard's), assets/splits.js
-    data/splits.js   SAEPIPE.setSplits({...}): the SAEs, per level the parents that have children (their
-                     statistics and children's cos / share / containment), and the top contexts of every
-                     shown latent, keyed "<sae index>/<latent>": values, contexts, positions, windows
-                     (token ids, WINDOW_BEFORE before to WINDOW_AFTER after) and the peak's index
+    data/splits.js   SAEPIPE.setSplits({...}): the SAEs, the seed-stability verdict and seed pairs, per
+                     level its counts next to the seed pair's (`seed_baseline`), the share of latents
+                     found again one width up, and the parents that have children (their statistics and
+                     children's cos / share / containment), and the top contexts of every shown latent,
+                     keyed "<sae index>/<latent>": values, contexts, positions, windows (token ids,
+                     WINDOW_BEFORE before to WINDOW_AFTER after) and the peak's index
     data/vocab.js    SAEPIPE.setVocab({id: text}): the model tokenizer's text of every token id shown;
                      empty for a store with no model (synthetic), whose token ids are shown as ⟨id⟩
 
@@ -64,14 +66,15 @@ class SparseTopN:
         return self.val[lo:hi], self.addr[lo:hi]
 
 
-def _shown_latents(levels: list[dict]) -> list[set[int]]:
-    """Per SAE of the ladder, the latents the pages show: parents that have children, and those children."""
-    shown: list[set[int]] = [set() for _ in range(len(levels) + 1)]
-    for a, level in enumerate(levels):
+def _shown_latents(levels: list[dict], paths: list[str]) -> list[set[int]]:
+    """Per SAE of the report, the latents the pages show: parents that have children, and those children."""
+    shown: list[set[int]] = [set() for _ in paths]
+    for level in levels:
+        a, b = paths.index(level["narrow"]), paths.index(level["wide"])
         for p in level["parents"]:
             if p["children"]:
                 shown[a].add(p["latent"])
-                shown[a + 1].update(c["latent"] for c in p["children"])
+                shown[b].update(c["latent"] for c in p["children"])
     return shown
 
 
@@ -96,8 +99,9 @@ def _windows(store: Any, addrs: np.ndarray) -> tuple[list[list[int]], list[int]]
 def page_data(report: dict, tops: list[SparseTopN], store: Any) -> tuple[dict, list[int]]:
     """The data script's object, and every token id it mentions (for the vocab)."""
     levels = report["levels"]
+    paths = [s["path"] for s in report["saes"]]
     contexts, ids = {}, set()
-    for s, latents in enumerate(_shown_latents(levels)):
+    for s, latents in enumerate(_shown_latents(levels, paths)):
         for latent in sorted(latents):
             vals, addr = tops[s].of(latent)
             windows, peaks = _windows(store, addr)
@@ -109,15 +113,21 @@ def page_data(report: dict, tops: list[SparseTopN], store: Any) -> tuple[dict, l
                 "windows": windows,
                 "peaks": peaks,
             }
-    paths = [s["path"] for s in report["saes"]]
     data = {
         "title": f"split trees · {report['store']} · {report['hook']}",
         "saes": [{**s, "name": Path(s["path"]).name} for s in report["saes"]],
+        "verdict": report.get("verdict"),
+        "seed_pairs": [
+            {**sp, "a": paths.index(sp["a"]), "b": paths.index(sp["b"])}
+            for sp in report.get("seed_pairs", [])
+        ],
         "levels": [
             {
                 "narrow": paths.index(lv["narrow"]),
                 "wide": paths.index(lv["wide"]),
                 "summary": lv["summary"],
+                "found_again": lv.get("found_again"),
+                "seed_baseline": lv.get("seed_baseline"),
                 "sibling_histogram": lv["sibling_histogram"],
                 "parents": [p for p in lv["parents"] if p["children"]],
             }
@@ -182,6 +192,7 @@ SPLITS_CSS = """
 .latent h3 { margin-bottom: 2px; }
 .latent .ctx { font-size: 12px; }
 .kind-clean { color: #2a7; } .kind-blurred { color: #c60; }
+.verdict-bad { color: #b00; font-weight: bold; }
 """
 
 SPLITS_JS = (
@@ -195,6 +206,8 @@ const SAEPIPE = (function () {
     + JS_HELPERS
     + r"""
   const pct = x => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
+  const KINDS = ["persists", "clean split", "blurred split", "dropped"];
+  const share = (sum, k) => { const n = KINDS.reduce((t, q) => t + sum[q], 0); return n ? sum[k] / n : 0; };
   const kindClass = k => (k === "clean split" ? "kind-clean" : k === "blurred split" ? "kind-blurred" : "");
   const saeName = s => S.d.saes[s].name + " (" + S.d.saes[s].architecture + ", " + S.d.saes[s].d_sae + ")";
 
@@ -221,9 +234,20 @@ const SAEPIPE = (function () {
         el("td", { text: fmt(s.l0) }), el("td", { text: fmt(s.fvu) }), el("td", { text: s.loss_recovered === undefined ? "–" : fmt(s.loss_recovered) }))));
     const parts = [el("h2", { text: "SAEs" }), saes];
     if (d.has_frontier_png) parts.push(el("img", { src: "frontier.png", alt: "sparsity-reconstruction frontier", style: "max-width:100%" }));
+    parts.push(el("h2", { text: "Seed stability" }));
+    if (d.verdict) parts.push(el("p", { id: "verdict", class: d.verdict.readable === false ? "verdict-bad" : "verdict", text: d.verdict.message }));
+    (d.seed_pairs || []).forEach(sp => {
+      const st = sp.stability;
+      parts.push(el("p", { class: "seed-pair", text: saeName(sp.a) + " vs " + saeName(sp.b) + ": " + pct(st.agreement) +
+        " of latents found again at decoder |cos| > " + st.threshold + (st.weighted === null ? "" : " (" + pct(st.weighted) + " weighted by firing)") +
+        "; random directions " + pct(st.baseline) + "; split-tree counts between the seeds: " +
+        KINDS.map(k => sp.summary[k] + " " + k).join(", ") }));
+    });
     d.levels.forEach((lv, a) => {
-      const sum = Object.entries(lv.summary).map(([k, v]) => v + " " + k).join(", ");
-      parts.push(el("h2", { text: saeName(lv.narrow) + " → " + saeName(lv.wide) }), el("p", { class: "muted", text: sum }));
+      const b = lv.seed_baseline;
+      const sum = KINDS.map(k => lv.summary[k] + " " + k + " (" + pct(share(lv.summary, k)) + (b ? "; seeds " + pct(share(b.summary, k)) : "") + ")").join(", ") + ", " + lv.summary["new"] + " new";
+      const found = lv.found_again ? pct(lv.found_again.agreement) + " of latents found again one width up" + (b ? " (two seeds of width " + b.d_sae + ": " + pct(b.stability.a_to_b) + ")" : "") : "";
+      parts.push(el("h2", { text: saeName(lv.narrow) + " → " + saeName(lv.wide) }), el("p", { class: "muted level-summary", text: sum }), el("p", { class: "muted", text: found }));
       const parents = [...lv.parents].sort((x, y) => y.children.length - x.children.length || y.fires - x.fires);
       parts.push(el("table", { class: "parents", "data-level": a },
         el("tr", {}, ...["parent", "kind", "children", "fires", "coverage", "overlap", "siblings co-fire", "leak"].map(h => el("th", { text: h }))),

@@ -16,6 +16,12 @@ wide latent with no such i is `new`. Per parent, over the same tokens:
   and over all parents the histogram of how many siblings fire on one token;
 - `kind`: dropped (no child), persists (one child), clean split (two or more, overlap <= `clean_overlap`),
   blurred split (more overlap).
+Seed baseline (issue 19): SAEs of the same architecture, width and k (`saepipe train --seed 0 1`) are
+replicates; the first stays in the ladder and the second is linked to it exactly like a level. Their
+agreement (saepipe.analyze.stability: latents found again at decoder |cos| > 0.7, plain and weighted by
+firing, against random directions) and their split-tree counts are what seed noise alone gives, and
+every level is reported next to them (`seed_baseline`); `verdict` says plainly when two seeds agree on
+fewer than `min_agreement` of their latents, i.e. when the trees are at noise level.
 Two passes over the store: the first counts co-firing (and the frontier's L0/FVU, and each latent's top
 contexts for the pages), the second, with the links fixed, counts per-token sibling statistics. On a store
 from a real model the frontier also gets each SAE's loss recovered from `saepipe evaluate`
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +211,10 @@ class SplittingConfig(StageConfig):
     """Write the split-tree pages (OUT/index.html): per parent its children and their top contexts."""
     top_contexts: int = Field(8, gt=0)
     """Top activating contexts per latent shown on the pages."""
+    stability_threshold: float = Field(0.7, gt=0, le=1)
+    """Decoder |cos| above which a latent counts as found again in another SAE (seed stability)."""
+    min_agreement: float = Field(0.5, ge=0, le=1)
+    """Seed agreement below which the report says the split trees cannot be read (at noise level)."""
 
     @model_validator(mode="after")
     def _check(self) -> SplittingConfig:
@@ -239,7 +250,9 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
         resolve_hook,
         write_frontier,
     )
+    from saepipe.analyze.inputs import excluded_tokens
     from saepipe.analyze.split_pages import SparseTopN, tokenizer_decode, write_split_pages
+    from saepipe.analyze.stability import baseline_for, identity, one_way, seed_groups, stability, verdict
     from saepipe.harvest import open_store
     from saepipe.train import load_sae
 
@@ -251,29 +264,35 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     for sae, path in loaded:
         check_compatible(path, sae.cfg, store)
     hook = resolve_hook(store, [s.cfg for s in saes], cfg.hook)
+    # Edges: each ladder SAE to the next wider one, then each same-width seed pair (the baseline).
+    ladder, pairs = seed_groups([identity(s) for s in saes])
+    edges = [*pairwise(ladder), *pairs]
+    n_levels = len(ladder) - 1
     decoders = [s.W_dec.detach().float().cpu().numpy() for s in saes]
-    cos = [cosine_matrix(decoders[a], decoders[a + 1]) for a in range(len(saes) - 1)]
+    cos = [cosine_matrix(decoders[a], decoders[b]) for a, b in edges]
+    # Positions some SAE never trained on (special tokens) are left out for all, so all see the same tokens.
+    drop = sorted({t for s in saes for t in excluded_tokens(s.cfg, store)})
     recon = [ReconstructionStats() for _ in saes]
-    counts: list[CoFiring | None] = [None] * len(cos)
+    counts: list[CoFiring | None] = [None] * len(edges)
     tops = [SparseTopN(s.d_sae, cfg.top_contexts) for s in saes] if cfg.pages else []
-    total = min(store.n_tokens, cfg.max_tokens or store.n_tokens) * (2 if cos else 1)
+    total = min(store.n_tokens, cfg.max_tokens or store.n_tokens) * (2 if edges else 1)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="splitting", disable=not progress)
-    for batch in encode_stream(saes, store, hook, cfg.batch_tokens, cfg.max_tokens):
+    for batch in encode_stream(saes, store, hook, cfg.batch_tokens, cfg.max_tokens, drop):
         for r, z, xh in zip(recon, batch.latents, batch.recon):
             r.update(batch.x, xh, z.nnz)
         for top, z in zip(tops, batch.latents):
             top.update(z, batch.addr)
-        for a in range(len(cos)):
-            c = cofiring(batch.latents[a], batch.latents[a + 1])
-            counts[a] = c if counts[a] is None else counts[a] + c
+        for e, (a, b) in enumerate(edges):
+            c = cofiring(batch.latents[a], batch.latents[b])
+            counts[e] = c if counts[e] is None else counts[e] + c
         bar.update(len(batch.x))
-    links = [link_latents(cos[a], counts[a], cfg.min_cos, cfg.min_coactivation) for a in range(len(cos))]
-    sibs: list[SiblingCounts | None] = [None] * len(cos)
-    if cos:
-        for batch in encode_stream(saes, store, hook, cfg.batch_tokens, cfg.max_tokens):
-            for a in range(len(cos)):
-                s = sibling_counts(batch.latents[a], batch.latents[a + 1], links[a])
-                sibs[a] = s if sibs[a] is None else sibs[a] + s
+    links = [link_latents(cos[e], counts[e], cfg.min_cos, cfg.min_coactivation) for e in range(len(edges))]
+    sibs: list[SiblingCounts | None] = [None] * len(edges)
+    if edges:
+        for batch in encode_stream(saes, store, hook, cfg.batch_tokens, cfg.max_tokens, drop):
+            for e, (a, b) in enumerate(edges):
+                s = sibling_counts(batch.latents[a], batch.latents[b], links[e])
+                sibs[e] = s if sibs[e] is None else sibs[e] + s
             bar.update(len(batch.x))
     bar.close()
     spliced = _spliced(cfg, store, paths, progress)
@@ -281,11 +300,27 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
         point(p, s.architecture, s.d_sae, r, k=s.k, **spliced.get(p, {}))
         for s, p, r in zip(saes, paths, recon)
     ]
-    levels = [
-        {"narrow": paths[a], "wide": paths[a + 1]}
-        | split_tree(cos[a], counts[a], links[a], sibs[a], cfg.clean_overlap)
-        for a in range(len(cos))
-    ]
+    trees = [split_tree(cos[e], counts[e], links[e], sibs[e], cfg.clean_overlap) for e in range(len(edges))]
+    seed_pairs = []
+    for e, (a, b) in enumerate(edges[n_levels:], start=n_levels):
+        st = stability(
+            decoders[a], decoders[b], counts[e].fires_a, counts[e].fires_b, cfg.stability_threshold
+        )
+        seed_pairs.append(
+            {"a": paths[a], "b": paths[b], **identity(saes[a]), "stability": st.to_dict(),
+             "summary": trees[e]["summary"]}
+        )  # fmt: skip
+    levels = []
+    for e, (a, b) in enumerate(edges[:n_levels]):
+        narrow = identity(saes[a])
+        found = one_way(decoders[a], decoders[b], counts[e].fires_a, cfg.stability_threshold)
+        base = baseline_for(narrow, seed_pairs)
+        levels.append(
+            {"narrow": paths[a], "wide": paths[b], "found_again": found,
+             "seed_baseline": None if base is None else {"pair": [base["a"], base["b"]], "d_sae": base["d_sae"],
+                                                         "summary": base["summary"], "stability": base["stability"]}}
+            | trees[e]
+        )  # fmt: skip
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -297,6 +332,9 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
             | {k: v for k, v in p.extra.items() if k in ("loss_recovered", "kl")}
             for p in points
         ],
+        "excluded_tokens": drop,
+        "seed_pairs": seed_pairs,
+        "verdict": verdict(seed_pairs, cfg.min_agreement),
         "levels": levels,
     }
     (out / "splits.json").write_text(json.dumps(report, indent=1))
@@ -306,6 +344,26 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     return report
 
 
+def _share(summary: dict, kind: str) -> float:
+    parents = sum(summary[k] for k in ("dropped", "persists", "clean split", "blurred split"))
+    return summary[kind] / parents if parents else 0.0
+
+
+def level_line(lv: dict) -> str:
+    """One line per level: each kind's count and share of parents, next to the seed pair's share."""
+    base = lv.get("seed_baseline")
+    parts = []
+    for kind in ("persists", "clean split", "blurred split", "dropped"):
+        seeds = f"; seeds {_share(base['summary'], kind):.1%}" if base else ""
+        parts.append(f"{lv['summary'][kind]} {kind} ({_share(lv['summary'], kind):.1%}{seeds})")
+    f = lv["found_again"]
+    seeds = f"; two seeds of width {base['d_sae']}: {base['stability']['a_to_b']:.1%}" if base else ""
+    return (
+        f"{Path(lv['narrow']).name} -> {Path(lv['wide']).name}: {', '.join(parts)}, {lv['summary']['new']} new; "
+        f"{f['agreement']:.1%} of latents found again at |cos| > threshold{seeds}"
+    )
+
+
 def run(cfg: SplittingConfig) -> int:
     report = build_report(cfg)
     for s in report["saes"]:
@@ -313,9 +371,17 @@ def run(cfg: SplittingConfig) -> int:
         print(
             f"{s['architecture']:>10} d_sae {s['d_sae']:>7}: L0 {s['l0']:8.2f}  FVU {s['fvu']:.4f}{lr}  {s['path']}"
         )
+    for pair in report["seed_pairs"]:
+        st = pair["stability"]
+        weighted = f", {st['weighted']:.1%} weighted by firing" if st["weighted"] is not None else ""
+        print(
+            f"seed agreement, {Path(pair['a']).name} vs {Path(pair['b']).name}: {st['agreement']:.1%} of latents "
+            f"at decoder |cos| > {st['threshold']:g}{weighted} (random directions: {st['baseline']:.1%}); "
+            f"median best |cos| {st['median_best_cos']:.2f} (random {st['baseline_median_best_cos']:.2f})"
+        )
     for lv in report["levels"]:
-        summary = ", ".join(f"{v} {k}" for k, v in lv["summary"].items())
-        print(f"{Path(lv['narrow']).name} -> {Path(lv['wide']).name}: {summary}")
+        print(level_line(lv))
+    print(report["verdict"]["message"])
     pages = ", index.html" if cfg.pages else ""
     print(f"report written to {cfg.out} (splits.json, frontier.json/.csv/.png{pages})")
     return 0

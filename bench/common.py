@@ -126,3 +126,28 @@ def harvested_store(tokens: int, hook: str, device: str) -> str:
     if not (store_exists(str(out)) and open_store(str(out), allow_incomplete=True).complete):
         harvest(HarvestConfig(out=str(out), hooks=[hook], tokens=tokens, device=device), progress=False)
     return str(out)
+
+
+def slice_store(src: str, dst: str, start: int, stop: int) -> str:
+    """A store holding contexts [start, stop) of `src` (start on `src`'s shard grid), built once and reused.
+
+    A prefix (start 0) has the settings and bytes a harvest of that many contexts writes (packing is
+    deterministic), so a big harvest yields the smaller stores of a store-size curve; any other slice
+    records `slice: [start, stop]` in its dataset settings, since its contexts do not start the dataset.
+    """
+    from saepipe.harvest.store import StoreWriter, open_store, store_exists
+
+    if store_exists(dst) and open_store(dst, allow_incomplete=True).complete:
+        return dst
+    s = open_store(src)
+    stop = min(stop, s.n_contexts)
+    settings = {**s.settings, "n_contexts_target": stop - start}
+    if start:
+        settings["dataset"] = {**settings["dataset"], "slice": [start, stop]}
+    w = StoreWriter(dst, settings)
+    first = 1 if s.settings["prepend_bos"] else 0
+    for a in range(start, stop, w.shard_contexts):
+        b = min(a + w.shard_contexts, stop)
+        w.write_shard(a - start, s.tokens(a, b), {h: s.activations(h, a, b) for h in s.hooks}, first)
+    w.finish()
+    return dst

@@ -1,4 +1,9 @@
-"""`saepipe cache ls | info KEY | verify KEY | rm KEY`: what a cache holds, and whether it is intact."""
+"""`saepipe cache ls | info KEY | verify KEY | rm KEY`: what a cache holds, and whether it is intact.
+
+`info` also reports, under "norms", each hook's activation norm statistics (saepipe.harvest.norms): the
+median norm, how much of the squared norm sits in outlier positions, and which tokens, positions and
+dimensions those are.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pydantic import Field, model_validator
 from saepipe.config import StageConfig
 from saepipe.errors import SaepipeError
 from saepipe.harvest import cache as cachelib
+from saepipe.harvest.norms import describe, norm_stats
+from saepipe.harvest.store import open_store
 
 
 class CacheConfig(StageConfig):
@@ -42,7 +49,17 @@ def run(cfg: CacheConfig) -> int:
         return 0
     assert cfg.key is not None
     if cfg.action == "info":
-        print(json.dumps(asdict(cachelib.entry(root, cfg.key)), indent=2))
+        found = cachelib.entry(root, cfg.key)
+        store = open_store(found.url, allow_incomplete=True)
+        decode = local_decoder(store.settings["model"]["name"])
+        norms = {
+            hook: {
+                "recorded": bool((store.meta.get("norms") or {}).get(hook)),  # else computed now
+                "summary": describe(norm_stats(store, hook), decode),
+            }
+            for hook in store.hooks
+        }
+        print(json.dumps(asdict(found) | {"norms": norms}, indent=2, ensure_ascii=False))
         return 0
     if cfg.action == "verify":
         url = cachelib.entry(root, cfg.key).url
@@ -55,3 +72,18 @@ def run(cfg: CacheConfig) -> int:
         return 0
     print(f"removed {cachelib.remove(root, cfg.key)}")
     return 0
+
+
+def local_decoder(model: str):
+    """`decode(ids) -> texts` with the model's tokenizer when it is on this machine (no network), else None:
+    token ids are then shown as ids."""
+    from saepipe.harvest.models import local_checkpoint
+
+    try:
+        from transformers import AutoTokenizer
+
+        local = local_checkpoint(model)
+        tok = AutoTokenizer.from_pretrained(str(local) if local else model, local_files_only=True)
+    except (OSError, ValueError, SaepipeError):
+        return None
+    return lambda ids: [tok.decode([i]) for i in ids]

@@ -21,8 +21,9 @@ activation has its address (context, position) on one grid.
 Metadata (`attributes["saepipe"]`): `format`, `schema_version`, `settings` (everything that determines the
 bytes: model name/fingerprint/d_model/n_layers/dtype, tokenizer, dataset with its fingerprint, hooks,
 context_size, prepend_bos, dtype, chunking, n_contexts_target; synthetic stores add their seed), and progress: `n_contexts` (how many leading
-contexts are committed; readers trust only this prefix), `complete`, and `stats` per hook over committed
-non-BOS positions (`count`, `mean` [d_model], `mean_sq_norm`).
+contexts are committed; readers trust only this prefix), `complete`, `stats` per hook over committed
+non-BOS positions (`count`, `mean` [d_model], `mean_sq_norm`), and, once complete, `norms` per hook: the
+norm distribution and its outlier positions, tokens and dimensions (saepipe.harvest.norms documents it).
 
 Writes are whole shards, each followed by a metadata commit, so a killed writer leaves a store that claims
 no more than it holds and resumes at the first uncommitted shard.
@@ -38,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,12 @@ class ActivationStore:
         """Storage dtype: float16, float32 or bfloat16 (read back as float32)."""
         return str(self.settings["dtype"])
 
+    @property
+    def special_token_ids(self) -> list[int]:
+        """The tokenizer's BOS and EOS ids as the store records them (none for a synthetic store)."""
+        tok = self.settings.get("tokenizer") or {}
+        return sorted({int(t) for t in (tok.get("bos_token_id"), tok.get("eos_token_id")) if t is not None})
+
     def refresh(self) -> None:
         """Re-read the metadata (to follow a store that is still being written)."""
         self.group = _open_group(self.path, "r", self.storage_options)
@@ -297,15 +304,23 @@ class ActivationStore:
         s = self.meta["stats"][hook]
         return HookStats(int(s["count"]), np.asarray(s["mean"], dtype=np.float64), float(s["mean_sq_norm"]))
 
-    def iter_token_rows(self, hook: str, drop_bos: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Chunk by chunk in order: (activations [n, d_model], addresses [n, 2] = (context, position))."""
+    def iter_token_rows(
+        self, hook: str, drop_bos: bool = True, drop_tokens: Iterable[int] = ()
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Chunk by chunk in order: (activations [n, d_model], addresses [n, 2] = (context, position)),
+        without position 0 when it holds a prepended BOS and without positions holding `drop_tokens`."""
         skip_bos = drop_bos and bool(self.settings["prepend_bos"])
         first = 1 if skip_bos else 0
         T = self.context_size
+        drop = np.asarray(sorted(set(drop_tokens)), dtype=np.int64)
         for start, stop in self.chunk_bounds():
             acts = self.activations(hook, start, stop)[:, first:]
             ctx, pos = np.meshgrid(np.arange(start, stop), np.arange(first, T), indexing="ij")
-            yield acts.reshape(-1, acts.shape[-1]), np.stack([ctx.ravel(), pos.ravel()], axis=1)
+            rows, addr = acts.reshape(-1, acts.shape[-1]), np.stack([ctx.ravel(), pos.ravel()], axis=1)
+            if len(drop):
+                keep = ~np.isin(self.tokens(start, stop)[:, first:].ravel(), drop)
+                rows, addr = rows[keep], addr[keep]
+            yield rows, addr
 
 
 def shard_key(name: str, shard: int) -> str:
@@ -335,6 +350,7 @@ class StoreWriter:
         With a `lease`, every write and commit first checks it is still held (`LeaseLost` otherwise)."""
         self.path = path
         self.settings = settings
+        self.storage_options = storage_options
         self.lease = lease
         if store_exists(path, storage_options):
             self.group = _open_group(path, "r+", storage_options)
@@ -470,7 +486,10 @@ class StoreWriter:
             self.group[f"{ACTS}/{hook}"][start:stop] = to_stored(a, self.settings["dtype"])
 
     def finish(self) -> None:
-        """Shrink the arrays to what was committed (the dataset may run out early) and mark complete."""
+        """Shrink the arrays to what was committed (the dataset may run out early), record the norm
+        statistics from one pass over the committed bytes, and mark complete (one metadata write)."""
+        from saepipe.harvest.norms import compute_norm_stats
+
         self._check_lease()
         n = self.n_contexts
         if n != self.settings["n_contexts_target"]:
@@ -478,6 +497,9 @@ class StoreWriter:
             for hook in self.settings["hooks"]:
                 arr = self.group[f"{ACTS}/{hook}"]
                 arr.resize((n, *arr.shape[1:]))
+        reader = ActivationStore(self.path, self.storage_options, allow_incomplete=True)
+        self.meta["norms"] = {hook: compute_norm_stats(reader, hook) for hook in self.settings["hooks"]}
+        self._check_lease()  # the pass takes a while: still ours before the one metadata write
         self.meta["complete"] = True
         self.group.update_attributes({"saepipe": self.meta})
 

@@ -43,8 +43,9 @@ class StageConfig(BaseModel):
         if isinstance(values, dict):
             for name, field in cls.model_fields.items():
                 ann = _unwrap_optional(field.annotation)
-                if get_origin(ann) is list and name in values and not isinstance(values[name], list | tuple):
-                    values = {**values, name: [values[name]]}
+                value = values.get(name)
+                if get_origin(ann) is list and value is not None and not isinstance(value, list | tuple):
+                    values = {**values, name: [value]}  # None stays None (an optional list left unset)
         return values
 
 

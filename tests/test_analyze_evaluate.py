@@ -134,3 +134,54 @@ def test_evaluate_cli_writes_json(identity_sae, tmp_path, capsys):
         "dead_fraction",
     }
     assert "loss recovered" in capsys.readouterr().out
+
+
+def test_positions_the_sae_never_trained_on_stay_clean(tiny_store, tiny_model_dir, tmp_path):
+    """An SAE trained with --drop-special leaves BOS/EOS positions unspliced: the zero ablation then equals a
+    direct forward that zeroes every other position, on text whose documents are short enough that EOS
+    separators fall inside the contexts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sae = tmp_path / "identity"
+    write_identity_sae(sae, tiny_store)
+    cfg = json.loads((sae / "cfg.json").read_text())
+    cfg["saepipe"]["training"] = {"drop_special": True, "special_token_ids": []}
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    docs = tmp_path / "docs.jsonl"
+    words = ["the", "king", "is", "dead", "long", "live", "the", "king", "and", "all", "his", "men"]
+    docs.write_text("".join(json.dumps({"text": " ".join(words[i % 5 :][:6])}) + "\n" for i in range(200)))
+    r = evaluate(
+        EvaluateConfig(sae=str(sae), contexts=4, batch_size=4, device="cpu", dataset=str(docs)),
+        progress=False,
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    store = open_store(str(tiny_store))
+    tokens = torch.from_numpy(
+        np.stack(
+            list(
+                itertools.islice(
+                    pack_contexts(iter_texts(str(docs), None, "train", "text"), tok, 32, True), 4
+                )
+            )
+        )
+    ).long()
+    special = (tokens == tok.eos_token_id) | (tokens == tok.bos_token_id)
+    assert special[:, 1:].sum() >= 8, "vacuous: no EOS inside the contexts"
+    hf = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+
+    def zero_but_special(module, args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        hidden[~special] = 0
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    with torch.no_grad():
+        handle = hf.eval().model.layers[0].register_forward_hook(zero_but_special)
+        try:
+            logits = hf(tokens).logits
+        finally:
+            handle.remove()
+    zero = float(F.cross_entropy(logits[:, 1:-1].flatten(0, 1), tokens[:, 2:].flatten()))
+    assert store.special_token_ids == sorted({tok.bos_token_id, tok.eos_token_id})
+    assert r.ce_zero == pytest.approx(zero, abs=2e-6)

@@ -199,6 +199,26 @@ def test_extends_and_null_sections(tmp_path, tiny_pipeline, capsys):
     assert '"width": [32, 64]' in out and '"k": [4]' in out  # inherited fields survive a partial override
 
 
+def test_ladder_with_a_second_seed_reads_its_trees_against_it(tmp_path, tiny_pipeline, capsys):
+    """A ladder that trains a second seed at its smallest width: the splitting stage pairs the two seeds
+    and prints every level's counts next to theirs, and a verdict on whether the trees can be read."""
+    tiny_pipeline["tiny"]["train"].update(width=[32, 64], seed=[0, 1], seed_widths=[32])
+    tiny_pipeline["tiny"].pop("analyze")
+    tiny_pipeline["tiny"]["splitting"] = {"loss_recovered": False, "pages": False, "batch_tokens": 256}
+    assert main(["run", "tiny", "--config", _write(tmp_path, tiny_pipeline)]) == 0
+    out = capsys.readouterr().out
+    train = tmp_path / "runs" / "tiny" / "train"
+    assert sorted(p.name for p in train.iterdir() if (p / "cfg.json").exists()) == [
+        "topk-w32-k4", "topk-w32-k4-s1", "topk-w64-k4"]  # fmt: skip
+    report = json.loads((tmp_path / "runs" / "tiny" / "splitting" / "splits.json").read_text())
+    (pair,) = report["seed_pairs"]
+    assert (Path(pair["a"]).name, Path(pair["b"]).name) == ("topk-w32-k4", "topk-w32-k4-s1")
+    (level,) = report["levels"]
+    assert level["seed_baseline"]["pair"] == [pair["a"], pair["b"]]
+    assert "seed agreement, topk-w32-k4 vs topk-w32-k4-s1" in out and "; seeds " in out
+    assert report["verdict"]["message"] in out
+
+
 @pytest.mark.parametrize(
     ("edit", "argv", "expected"),
     [

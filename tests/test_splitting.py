@@ -130,6 +130,38 @@ def test_split_tree_recovers_the_known_split(tmp_path, world, blur):
         assert level["sibling_histogram"] == [0, n2 + int((kind == 3).sum()), n1]
 
 
+def test_a_second_seed_is_the_baseline_of_every_level(tmp_path, world, capsys):
+    """A same-width replicate pairs with the ladder's SAE instead of joining the ladder; a replicate with the
+    same latents (rows permuted) agrees 100% and all its latents persist, one with other latents agrees 0%
+    and the report says the trees cannot be read."""
+    root, _, _ = world
+    narrow, wide, _ = _ladder(tmp_path, blur=False)
+    same = _write_sae(tmp_path / "narrow_s1", np.stack([E[2], E[0]]), np.zeros(2), np.stack([E[2], E[0]]))
+    argv = ["splitting", "--saes", str(narrow), "--saes", str(wide), "--saes", str(same),
+            "--store", str(root / "store"), "--out", str(tmp_path / "r"), "--no-pages"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((tmp_path / "r" / "splits.json").read_text())
+    (level,) = rep["levels"]
+    assert (level["narrow"], level["wide"]) == (str(narrow), str(wide))
+    (pair,) = rep["seed_pairs"]
+    assert (pair["a"], pair["b"]) == (str(narrow), str(same))
+    assert pair["stability"]["agreement"] == 1.0 and pair["stability"]["weighted"] == 1.0
+    assert pair["summary"] == {"dropped": 0, "persists": 2, "clean split": 0, "blurred split": 0, "new": 0}
+    assert level["seed_baseline"]["summary"] == pair["summary"]
+    assert level["found_again"]["agreement"] == 1.0  # e2 found again; e0 in its halves at |cos| 0.707 > 0.7
+    assert rep["verdict"]["readable"] is True
+    assert "seed agreement" in printed and "1 persists (50.0%; seeds 100.0%)" in printed
+
+    other = _write_sae(tmp_path / "narrow_s2", np.stack([E[1], E[3]]), np.zeros(2), np.stack([E[1], E[3]]))
+    argv = ["splitting", "--saes", str(narrow), "--saes", str(wide), "--saes", str(other),
+            "--store", str(root / "store"), "--out", str(tmp_path / "r2"), "--no-pages"]  # fmt: skip
+    assert main(argv) == 0
+    assert "SPLIT TREES NOT READABLE" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "r2" / "splits.json").read_text())
+    assert rep["seed_pairs"][0]["stability"]["agreement"] == 0.0 and rep["verdict"]["readable"] is False
+
+
 def _relu_reference(path: Path, x: np.ndarray) -> tuple[float, float]:
     """L0 and FVU computed directly from the safetensors weights with numpy."""
     from safetensors.numpy import load_file
@@ -266,10 +298,11 @@ def test_split_page_in_a_real_browser(tmp_path, world):
 
     root, _, _ = world
     narrow, wide, _ = _ladder(tmp_path, blur=True)
+    same = _write_sae(tmp_path / "narrow_s1", np.stack([E[2], E[0]]), np.zeros(2), np.stack([E[2], E[0]]))
     out = tmp_path / "r"
     build_report(
         SplittingConfig(
-            saes=[str(narrow), str(wide)], store=str(root / "store"), out=str(out), top_contexts=3
+            saes=[str(narrow), str(wide), str(same)], store=str(root / "store"), out=str(out), top_contexts=3
         ),
         progress=False,
     )
@@ -284,6 +317,8 @@ def test_split_page_in_a_real_browser(tmp_path, world):
         wait = WebDriverWait(driver, 20)
         driver.get((out / "index.html").as_uri())
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        assert "agree on 100.0% of their latents" in driver.find_element(By.ID, "verdict").text
+        assert "seeds 100.0%" in driver.find_element(By.CSS_SELECTOR, ".level-summary").text
         rows = driver.find_elements(By.CSS_SELECTOR, "table.parents tr[data-latent]")
         assert [r.get_attribute("data-latent") for r in rows] == ["0", "1"]  # the split first
         assert "blurred split" in rows[0].text
@@ -292,7 +327,7 @@ def test_split_page_in_a_real_browser(tmp_path, world):
         cols = driver.find_elements(By.CSS_SELECTOR, "#family .latent")
         assert [c.get_attribute("data-latent") for c in cols] == ["0", "1", "3"]
         data = _data_script(out / "data" / "splits.js", "setSplits")
-        for col, key in zip(cols, ["0/0", "1/1", "1/3"]):
+        for col, key in zip(cols, ["0/0", "2/1", "2/3"]):  # SAEs by width: narrow, its replicate, wide
             ctxs = col.find_elements(By.CSS_SELECTOR, ".ctx")
             assert [float(c.get_attribute("data-value")) for c in ctxs] == data["contexts"][key]["values"]
             peak = ctxs[0].find_element(By.CSS_SELECTOR, ".tok.peak")

@@ -77,7 +77,12 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, 
     assert saved["saepipe"]["training"]["world_size"] == 2  # two ranks really trained
 
     cfg = TrainConfig(**{**flags, "device": "cpu"})
-    loaders = [ActivationLoader([str(tiny_store)], HOOK, 32, 300, cfg.seed, rank, 2) for rank in (0, 1)]
+    loaders = [
+        ActivationLoader(
+            [str(tiny_store)], HOOK, 32, 300, cfg.seed[0], rank, 2, drop_special=cfg.drop_special
+        )
+        for rank in (0, 1)
+    ]
     saes = build_saes(cfg, 64)
     b_dec = b_dec_start(cfg, loaders[0])
     opts = {}

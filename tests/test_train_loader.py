@@ -92,7 +92,7 @@ def _fake_store(path, d_model: int, hooks=(HOOK,)) -> str:
     }
     w = StoreWriter(str(path), settings)
     acts = {h: np.ones((2, 4, d_model), np.float32) for h in hooks}
-    w.write_shard(0, np.zeros((2, 4), np.int32), acts, first_pos=1)
+    w.write_shard(0, np.ones((2, 4), np.int32), acts, first_pos=1)
     w.finish()
     return str(path)
 

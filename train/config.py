@@ -1,18 +1,20 @@
 """The train stage's config: `saepipe train` flags and the `train:` section of pipelines.yaml.
 
 Several SAEs train from one pass over the stream: every combination of `--arch`, `--width`, `--k` (k only
-for architectures that take it) and `--tokens` is one SAE, e.g. `--width 1024 --width 4096` trains two.
-Several `--tokens` budgets share the stream: an SAE with a smaller budget sees its first part, with its
-own learning-rate schedule, and stops; the stream runs for the largest.
+for architectures that take it), `--tokens` and `--seed` is one SAE, e.g. `--width 1024 --width 4096` trains
+two. Several `--tokens` budgets share the stream: an SAE with a smaller budget sees its first part, with its
+own learning-rate schedule, and stops; the stream runs for the largest. `--width 512 --seed 0 1` trains two
+SAEs of one width from different initialisations (a stability baseline, issue 19).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import product
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from saepipe.config import StageConfig
 
@@ -31,6 +33,8 @@ class SAESpec:
     hparams: dict[str, Any]
     tokens: int
     """Its training budget in tokens over all ranks."""
+    seed: int = 0
+    """Seed of this SAE's initialisation."""
 
 
 class TrainConfig(StageConfig):
@@ -103,10 +107,27 @@ class TrainConfig(StageConfig):
     starts (one process only; an exact resume is not promised, since the store grows meanwhile)."""
     drop_bos: bool = True
     """Skip position 0 when the store put a BOS token there (its norm is an outlier)."""
+    drop_special: bool = True
+    """Skip every position holding the tokenizer's BOS or EOS token (document separators; for chat models
+    also the chat template's turn markers when they are BOS/EOS, as in SmolLM2) or a --special-token-ids
+    token; `saepipe evaluate` then leaves those positions unspliced, like BOS."""
+    special_token_ids: list[int] = Field(default_factory=list)
+    """More token ids to treat as special (skipped with --drop-special), e.g. other chat-template tokens."""
+    drop_norm_above: float | None = Field(None, gt=0)
+    """Skip positions whose activation norm exceeds this multiple of the store's median norm (outlier
+    positions; `saepipe cache info` shows the norm distribution)."""
+    token_norm: bool = False
+    """Scale every activation to norm sqrt(d_model) before encoding and undo it after decoding (SAELens's
+    `constant_norm_rescale`); it cannot be folded into the weights, so the SAE dir's cfg.json says so."""
     buffer_tokens: int = Field(262_144, gt=0)
     """Size of the token mixing buffer: rows of this many tokens are shuffled together."""
-    seed: int = 0
-    """Seed for initialisation and the stream order."""
+    seed: list[int] = Field(default_factory=lambda: [0])
+    """Seed of the SAEs' initialisation; repeat for SAEs that differ only in it (names get -s<seed> after
+    the first, behind any -t<tokens>). The stream order follows the first seed, so every seed sees the same
+    batches; the budgets of one (arch, width, k, seed) start from the same weights."""
+    seed_widths: list[int] = Field(default_factory=list)
+    """Train the seeds after the first only at these widths (default: every width), e.g. a width ladder
+    with a second seed at its smallest width."""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda; under a launcher each rank takes cuda:LOCAL_RANK."""
     autocast: Literal["none", "bfloat16"] = "none"
@@ -157,9 +178,21 @@ class TrainConfig(StageConfig):
             all(0 < f <= 1 for f in self.matryoshka_prefixes) and max(self.matryoshka_prefixes) == 1
         ):
             raise ValueError("--matryoshka-prefixes are fractions of the width in (0, 1] and must include 1")
+        if not self.seed or len(set(self.seed)) != len(self.seed):
+            raise ValueError("give each --seed once (at least one)")
+        widths = {w for grid in self.grids() for w in grid["width"]}
+        if missing := sorted(set(self.seed_widths) - widths):
+            raise ValueError(f"--seed-widths {missing[0]} is not one of the --width values")
         if len({s.name for s in self.specs()}) != len(self.specs()):
-            raise ValueError("an SAE is named twice; repeat --arch/--width/--k values only once")
+            raise ValueError("an SAE is named twice; repeat --arch/--width/--k/--seed values only once")
+        if self.normalize and self.token_norm:
+            raise ValueError("--normalize and --token-norm exclude each other; choose one")
         return self
+
+    @field_serializer("seed")
+    def _one_seed_as_before(self, seed: list[int]) -> int | list[int]:
+        """A single seed is recorded as the integer it always was, so single-seed runs keep their bytes."""
+        return seed[0] if len(seed) == 1 else seed
 
     @field_validator("also", mode="before")
     @classmethod
@@ -203,17 +236,19 @@ class TrainConfig(StageConfig):
         }
         several_budgets = len({t for grid in self.grids() for t in grid["tokens"]}) > 1
         out: dict[str, SAESpec] = {}
-        for grid in self.grids():
+        for (i, seed), grid in product(enumerate(self.seed), self.grids()):
             for arch in grid["arch"]:
                 cls = ARCHITECTURES[arch]
                 hparams = {k: v for k, v in settings.items() if k in cls.default_hparams}
                 for width in grid["width"]:
+                    if i > 0 and self.seed_widths and width not in self.seed_widths:
+                        continue  # the seeds after the first train only at --seed-widths
                     own = dict(hparams)
                     if "prefixes" in cls.default_hparams and self.matryoshka_prefixes:
                         own["prefixes"] = sorted({max(1, round(f * width)) for f in self.matryoshka_prefixes})
                     for k in grid["k"] if cls.uses_k else [None]:
                         for tokens in grid["tokens"]:
                             name = f"{arch}-w{width}" + (f"-k{k}" if k is not None else "")
-                            name += f"-t{tokens}" if several_budgets else ""
-                            out.setdefault(name, SAESpec(name, arch, width, k, dict(own), tokens))
+                            name += (f"-t{tokens}" if several_budgets else "") + (f"-s{seed}" if i else "")
+                            out.setdefault(name, SAESpec(name, arch, width, k, dict(own), tokens, seed))
         return list(out.values())

@@ -2,7 +2,8 @@
 and training's `--eval-every`, through saepipe.splice.
 
 For token contexts [n, T], three forwards per batch: clean, each SAE spliced (x -> decode(encode(x))) and
-the hook zero-ablated. A leading BOS keeps its activation in all of them (`skip_bos`) and predictions are
+the hook zero-ablated. A leading BOS keeps its activation in all of them (`skip_bos`), as do positions
+holding `skip_tokens` (those an SAE trained with --drop-special never saw), and predictions are
 scored from the first spliced position on (the BOS position's own prediction is the same in every run):
 
     ce_*            mean next-token cross-entropy, nats
@@ -65,8 +66,10 @@ def measure(
     batch_size: int,
     skip_bos: bool,
     on_batch: Callable[[int], None] | None = None,
+    skip_tokens: Sequence[int] = (),
 ) -> list[Faithfulness]:
-    """One Faithfulness per splice (all at one hook, which is zero-ablated) over `tokens` [n, T]."""
+    """One Faithfulness per splice (all at one hook, which is zero-ablated) over `tokens` [n, T]; positions
+    holding `skip_tokens` keep their activations in every run, like a leading BOS."""
     hooks = {s.hook for s in splices}
     if len(hooks) != 1:
         raise ValueError(f"measure takes splices at one hook, got {sorted(hooks)}")
@@ -85,13 +88,13 @@ def measure(
 
         clean = log_probs(bridge(batch, return_type="logits"))
         ce[0] += float(F.nll_loss(clean, target, reduction="sum"))
-        with zero_ablated(bridge, hook, skip_bos=skip_bos):
+        with zero_ablated(bridge, hook, skip_bos=skip_bos, skip_tokens=skip_tokens):
             other = log_probs(bridge(batch, return_type="logits"))
         ce[1] += float(F.nll_loss(other, target, reduction="sum"))
         kl[0] += float(F.kl_div(other, clean, log_target=True, reduction="sum"))
         for i, s in enumerate(splices):
             del other
-            with spliced(bridge, s, skip_bos=skip_bos):
+            with spliced(bridge, s, skip_bos=skip_bos, skip_tokens=skip_tokens):
                 other = log_probs(bridge(batch, return_type="logits"))
             ce[i + 2] += float(F.nll_loss(other, target, reduction="sum"))
             kl[i + 1] += float(F.kl_div(other, clean, log_target=True, reduction="sum"))

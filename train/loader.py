@@ -9,6 +9,13 @@ The stream of one rank is defined by pure functions, so it can be rebuilt from a
   (seed, epoch, rank, window).
 - Batches are consecutive `batch_size` rows of the concatenated windows, epoch after epoch without end.
 
+Which rows enter (issue 19, data hygiene): every position of every committed context, except position 0
+when it holds a prepended BOS (`drop_bos`), positions holding a special token (`drop_special`: the
+store's BOS/EOS ids plus `special_token_ids`) and positions whose norm exceeds `drop_norm_above` times
+the store's median norm (saepipe.harvest.norms). The filter is a pure function of a chunk's bytes, so the
+stream stays deterministic and resumable. `token_norm` then scales every row to norm sqrt(d_model)
+(SAELens's constant_norm_rescale, undone by the saved SAE dir's loader).
+
 `StreamPosition(epoch, window, offset)` names the next unread row; every `Batch` carries the position
 after it, so a checkpoint that stores it resumes the exact stream. A background thread reads and
 permutes the next windows while the trainer works; memory is bounded by (prefetch + 1) windows.
@@ -20,7 +27,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -28,6 +35,8 @@ import torch
 
 from saepipe.errors import SaepipeError
 from saepipe.harvest import open_store
+from saepipe.harvest.norms import median_norm, row_norms
+from saepipe.train.token_norm import token_normalize
 
 
 def assign_chunks(n_chunks: int, rank: int, world: int, seed: int, epoch: int) -> np.ndarray:
@@ -89,6 +98,10 @@ class ActivationLoader:
         device: str | torch.device = "cpu",
         prefetch: int = 2,
         follow: bool = False,
+        drop_special: bool = False,
+        special_token_ids: Sequence[int] = (),
+        drop_norm_above: float | None = None,
+        token_norm: bool = False,
     ):
         if not stores:
             raise SaepipeError("give at least one --store")
@@ -119,6 +132,14 @@ class ActivationLoader:
                 "processes or harvest with a smaller --contexts-per-chunk"
             )
         self.first_pos = [1 if (drop_bos and s.settings["prepend_bos"]) else 0 for s in self.stores]
+        self.special = [
+            np.asarray(sorted({*s.special_token_ids, *special_token_ids}) if drop_special else [], np.int64)
+            for s in self.stores
+        ]
+        self.max_norm = [
+            None if drop_norm_above is None else drop_norm_above * median_norm(s, hook) for s in self.stores
+        ]
+        self.token_norm = token_norm
         rows_per_chunk = max((b - a) * (s.context_size - f) for (i, a, b), s, f in self._chunk_info())
         self.chunks_per_window = max(1, buffer_tokens // max(rows_per_chunk, 1))
         self.scale = self._scale() if normalize else 1.0
@@ -183,15 +204,29 @@ class ActivationLoader:
                     f"store {store.path}: NaN/inf activation at hook {self.hook}, context {a + int(c)}, position "
                     f"{first + int(p)}; re-harvest that store (`saepipe cache verify` lists every such chunk)"
                 )
-            rows.append(acts.reshape(-1, self.d_model).astype(np.float32))
             ctx, pos = np.meshgrid(np.arange(a, b), np.arange(first, store.context_size), indexing="ij")
-            addresses.append(np.stack([np.full(ctx.size, i), ctx.ravel(), pos.ravel()], axis=1))
+            keep = self._keep(i, store.tokens(a, b)[:, first:], acts) if self._filters(i) else slice(None)
+            rows.append(acts.reshape(-1, self.d_model)[keep].astype(np.float32))
+            addr = np.stack([np.full(ctx.size, i), ctx.ravel(), pos.ravel()], axis=1)
+            addresses.append(addr[keep])
         x, addr = np.concatenate(rows), np.concatenate(addresses).astype(np.int64)
         perm = np.random.default_rng([self.seed, epoch, self.rank, window]).permutation(len(x))
         x = x[perm]
         if self.scale != 1.0:
             x *= np.float32(self.scale)
+        if self.token_norm:
+            x = token_normalize(x)
         return _Window(epoch, window, x, addr[perm])
+
+    def _filters(self, i: int) -> bool:
+        return len(self.special[i]) > 0 or self.max_norm[i] is not None
+
+    def _keep(self, i: int, tokens: np.ndarray, acts: np.ndarray) -> np.ndarray:
+        """[n_contexts * positions] bool: the rows of one chunk that enter the stream (see module doc)."""
+        keep = ~np.isin(tokens, self.special[i]).ravel()
+        if self.max_norm[i] is not None:
+            keep &= row_norms(acts.reshape(-1, self.d_model)) <= self.max_norm[i]
+        return keep
 
     def _next(self, epoch: int, window: int) -> tuple[int, int]:
         return (epoch, window + 1) if window + 1 < self.windows_per_epoch(epoch) else (epoch + 1, 0)

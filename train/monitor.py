@@ -11,8 +11,9 @@ trainer uses, so a SAELens user reads the dashboard without a glossary:
     <sae>/model_behavior_preservation/kl_div_with_sae        contexts (train/faithfulness.py, the same
         ... /kl_div_with_ablation, kl_div_score              measurement as `saepipe evaluate`)
 
-The evaluation runs on rank 0 only, on the SAE as its dir will hold it (input normalisation folded in),
-with the BOS position kept as `saepipe evaluate` keeps it; at the last step it reports what
+The evaluation runs on rank 0 only, on the SAE as its dir will hold it (input normalisation folded in,
+per-token normalisation around it), with the BOS position (and with --drop-special the special tokens'
+positions) kept as `saepipe evaluate` keeps them; at the last step it reports what
 `saepipe evaluate --contexts <eval-contexts>` reports for the saved SAE. The held-out contexts are those
 packed after the store's when training starts; under `--follow` the growing store may take them in later.
 """
@@ -32,6 +33,7 @@ from saepipe.train.faithfulness import measure
 from saepipe.train.sae_dir import folded
 from saepipe.train.saes import SAE
 from saepipe.train.splice import Splice
+from saepipe.train.token_norm import with_token_norm
 
 SPARSITY_COEFFICIENTS = {"l1_coefficient": "l1", "l0_coefficient": "l0"}
 """Architecture settings the sparsity warm-up scales -> SAELens's coefficient name."""
@@ -73,14 +75,24 @@ class Monitor:
         self.bridge = model.bridge
         self.tokens: np.ndarray = heldout_contexts(store, model.tokenizer, cfg.eval_contexts)
         self.skip_bos = bool(store.settings["prepend_bos"])
+        # positions the SAEs never trained on stay unspliced, as `saepipe evaluate` leaves them (issue 19)
+        self.skip_tokens = (
+            sorted({*store.special_token_ids, *cfg.special_token_ids}) if cfg.drop_special else []
+        )
+        self.token_norm = cfg.token_norm
 
     def due(self, step: int, total: int) -> bool:
         return bool(self.every) and (step % self.every == 0 or step == total)
 
     def evaluate(self, step: int, saes: dict[str, SAE], input_scale: float) -> dict[str, float]:
         """Evaluate every SAE at once (one clean and one zero-ablated forward per batch); prints a line."""
-        splices = [Splice(folded(sae, input_scale), hook=self.hook) for sae in saes.values()]
-        results = measure(self.bridge, splices, self.tokens, EVAL_BATCH, self.skip_bos)
+        copies = [folded(sae, input_scale) for sae in saes.values()]
+        if self.token_norm:  # as load_sae returns the saved SAE: per-token scaling around it
+            copies = [with_token_norm(c) for c in copies]
+        splices = [Splice(c, hook=self.hook) for c in copies]
+        results = measure(
+            self.bridge, splices, self.tokens, EVAL_BATCH, self.skip_bos, skip_tokens=self.skip_tokens
+        )
         flat: dict[str, float] = {}
         parts = []
         for name, f in zip(saes, results):

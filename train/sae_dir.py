@@ -18,7 +18,10 @@ Layout (format version 2):
                                 matryoshka with token selection -> "topk"
         d_in, d_sae, dtype ("float32"), device ("cpu")
         apply_b_dec_to_input    true
-        normalize_activations   "none" (any training normalisation is folded into the weights)
+        normalize_activations   "none" (a dataset-wide training scale is folded into the weights), or
+                                "constant_norm_rescale" (trained on per-token normalised inputs,
+                                saepipe.train.token_norm: applied by encode, undone by decode; SAELens
+                                applies it the same way)
         reshape_activations     "none"
         k                       SAELens "topk" only (SAELens's TopKSAEConfig.k)
         metadata                SAELens 6.x's SAEMetadata block:
@@ -79,6 +82,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saepipe.errors import SaepipeError
+from saepipe.train import token_norm
 from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 
 WEIGHTS = "sae_weights.safetensors"
@@ -157,6 +161,7 @@ def sae_cfg(sae: SAE, hook_name: str, model_name: str, input_scale: float = 1.0,
     """cfg.json for `sae`. `extra` may give context_size, prepend_bos, dataset_path (top level and
     metadata) and `saepipe` (store, training: merged into saepipe's own section)."""
     own = dict(extra.pop("saepipe", {}))
+    normalize = extra.pop("normalize_activations", "none")  # token_norm.CFG_VALUE for --token-norm
     arch = sae.architecture
     drop_bos = (own.get("training") or {}).get("drop_bos", True)
     described = {
@@ -178,7 +183,7 @@ def sae_cfg(sae: SAE, hook_name: str, model_name: str, input_scale: float = 1.0,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
+        "normalize_activations": normalize,
         "reshape_activations": "none",
         **({"k": sae.k} if saelens_architecture(arch, sae.hparams) == "topk" else {}),
         "metadata": {
@@ -307,4 +312,6 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
                 )
             sae.set_tensor(name, value)
     sae.cfg = cfg
+    if cfg.get("normalize_activations") == token_norm.CFG_VALUE:
+        sae = token_norm.with_token_norm(sae)
     return sae.to(device).eval()

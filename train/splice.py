@@ -25,7 +25,9 @@ all go through it, which is why it sits in the train stage (analyze imports trai
 BOS: with `skip_bos` (default), a BOS token at the start of a row (after any left padding) keeps its
 activation: training drops that position (its norm is an outlier) and `saepipe evaluate` leaves it alone.
 Token ids are read at the bridge's `embed.hook_in` on each forward, so this holds for batches, left-padded
-prompts and KV-cached generation (whose later steps hold no BOS).
+prompts and KV-cached generation (whose later steps hold no BOS). `skip_tokens` keeps the activations of
+positions holding those ids anywhere in a row: an SAE trained with `saepipe train --drop-special` never saw
+BOS/EOS separators, so `saepipe evaluate` leaves them alone (issue 19).
 """
 
 from __future__ import annotations
@@ -151,22 +153,33 @@ def _model_device(bridge: Any) -> torch.device:
 
 @contextlib.contextmanager
 def patched(
-    bridge: Any, fns: Sequence[tuple[str, Callable[[torch.Tensor], torch.Tensor]]], skip_bos: bool = True
+    bridge: Any,
+    fns: Sequence[tuple[str, Callable[[torch.Tensor], torch.Tensor]]],
+    skip_bos: bool = True,
+    skip_tokens: Sequence[int] = (),
 ) -> Iterator[Any]:
     """Within the block, each (hook name, fn) maps the activations [n, d] of every position (but leading
-    BOS tokens when `skip_bos`) through `fn`, in float32; removed in `finally`. Yields the bridge."""
+    BOS tokens when `skip_bos`, and positions holding one of `skip_tokens` anywhere) through `fn`, in
+    float32; removed in `finally`. Yields the bridge."""
     points = resolve_hooks(bridge, list(dict.fromkeys(name for name, _ in fns)))
     state: dict[str, torch.Tensor | None] = {"skip": None}
     bos, pad = _bos_ids(bridge)
+    special = torch.tensor(sorted({int(t) for t in skip_tokens}), dtype=torch.long)
     hooks: list[tuple[str, Callable]] = []
-    if skip_bos:
+    if skip_bos or len(special):
         if TOKENS_HOOK not in bridge.hook_dict:
             raise SaepipeError(
                 f"this model has no {TOKENS_HOOK} hook to find BOS tokens at; splice with skip_bos=False"
             )
 
         def tokens(ids: torch.Tensor, hook: Any) -> torch.Tensor:
-            state["skip"] = _bos_mask(ids, bos, pad) if not ids.is_floating_point() else None
+            skip = None
+            if not ids.is_floating_point():
+                skip = _bos_mask(ids, bos, pad) if skip_bos else None
+                if len(special):  # tokens the SAE never trained on (saepipe train --drop-special)
+                    held = torch.isin(ids, special.to(ids.device))
+                    skip = held if skip is None else skip | held
+            state["skip"] = skip
             return ids
 
         hooks.append((TOKENS_HOOK, tokens))
@@ -192,19 +205,25 @@ def patched(
 
 
 @contextlib.contextmanager
-def spliced(bridge: Any, *splices: Splice, skip_bos: bool = True) -> Iterator[Any]:
-    """Within the block, every forward of `bridge` runs with these SAEs spliced in (moved to its device)."""
+def spliced(
+    bridge: Any, *splices: Splice, skip_bos: bool = True, skip_tokens: Sequence[int] = ()
+) -> Iterator[Any]:
+    """Within the block, every forward of `bridge` runs with these SAEs spliced in (moved to its device),
+    except at leading BOS tokens (`skip_bos`) and at positions holding `skip_tokens`."""
     device = _model_device(bridge)
     for s in splices:
         s.sae.to(device)
-    with patched(bridge, [(s.hook, s) for s in splices], skip_bos=skip_bos):
+    with patched(bridge, [(s.hook, s) for s in splices], skip_bos=skip_bos, skip_tokens=skip_tokens):
         yield bridge
 
 
 @contextlib.contextmanager
-def zero_ablated(bridge: Any, hook: str, skip_bos: bool = True) -> Iterator[Any]:
-    """Within the block, the activations at `hook` are zero (leading BOS tokens kept when `skip_bos`)."""
-    with patched(bridge, [(hook, torch.zeros_like)], skip_bos=skip_bos):
+def zero_ablated(
+    bridge: Any, hook: str, skip_bos: bool = True, skip_tokens: Sequence[int] = ()
+) -> Iterator[Any]:
+    """Within the block, the activations at `hook` are zero (leading BOS tokens kept when `skip_bos`, and
+    positions holding `skip_tokens`)."""
+    with patched(bridge, [(hook, torch.zeros_like)], skip_bos=skip_bos, skip_tokens=skip_tokens):
         yield bridge
 
 

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from saepipe.errors import SaepipeError
 from saepipe.harvest.harvester import probe_writable
 from saepipe.harvest.models import resolve_device
-from saepipe.train import checkpoint, distributed
+from saepipe.train import checkpoint, distributed, token_norm
 from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
@@ -93,37 +93,47 @@ def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
     """The decoder bias start, identical on every rank, in the (possibly normalised) input space."""
     if cfg.b_dec_init == "zeros":
         return torch.zeros(loader.d_model)
-    if cfg.b_dec_init == "mean":  # the stores' own statistics: the same on every rank, no reading
+    if cfg.b_dec_init == "mean" and not (cfg.token_norm or cfg.drop_norm_above):
+        # the stores' own statistics: the same on every rank, no reading
         stats = [s.stats(cfg.hook) for s in loader.stores]
         count = sum(st.count for st in stats)
         mean = sum(st.count * st.mean for st in stats) / max(count, 1)
         return torch.from_numpy(np.asarray(mean * loader.scale, dtype=np.float32))
     sample = torch.from_numpy(loader.load_window(0, 0).rows[:8192])
-    return distributed.all_reduce_mean(geometric_median(sample).float().to(loader.device))  # NCCL wants CUDA
+    start = sample.double().mean(0) if cfg.b_dec_init == "mean" else geometric_median(sample)
+    return distributed.all_reduce_mean(start.float().to(loader.device))  # NCCL wants CUDA
 
 
 def build_saes(cfg: TrainConfig, d_in: int, input_rms: float = 1.0) -> dict[str, SAE]:
     """Freshly initialised SAEs of the run, seeded so every rank builds the same ones. The budgets of one
-    (arch, width, k) start from the same weights, so a budget curve differs in training length alone.
-    `input_rms` (RMS per dimension of what the SAEs see) converts settings given in its units."""
-    torch.manual_seed(cfg.seed)
+    (arch, width, k, seed) start from the same weights, so a budget curve differs in training length alone.
+    `input_rms` (RMS per dimension of what the SAEs see) converts settings given in its units.
+
+    The SAEs of each seed are drawn in order from a generator reset to that seed, so the first seed's SAEs
+    are exactly those a run with that seed alone builds, and another seed changes nothing else."""
+    specs = cfg.specs()
     saes: dict[str, SAE] = {}
     first: dict[tuple, SAE] = {}
-    for spec in cfg.specs():
-        key = (spec.arch, spec.width, spec.k)
-        if key not in first:
-            scaled = ARCHITECTURES[spec.arch].scaled_hparams
-            hparams = {k: v * input_rms if k in scaled else v for k, v in spec.hparams.items()}
-            first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=hparams)
-        sae = copy.deepcopy(first[key])
-        sae.dead_window = cfg.resolved_dead_window(spec.tokens)
-        sae.decoder_ortho = cfg.decoder_ortho
-        saes[spec.name] = sae
+    for seed in cfg.seed:
+        torch.manual_seed(seed)
+        for spec in (s for s in specs if s.seed == seed):
+            key = (spec.arch, spec.width, spec.k, spec.seed)
+            if key not in first:
+                scaled = ARCHITECTURES[spec.arch].scaled_hparams
+                hparams = {k: v * input_rms if k in scaled else v for k, v in spec.hparams.items()}
+                first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=hparams)
+            sae = copy.deepcopy(first[key])
+            sae.dead_window = cfg.resolved_dead_window(spec.tokens)
+            sae.decoder_ortho = cfg.decoder_ortho
+            saes[spec.name] = sae
     return saes
 
 
 def input_rms(loader: ActivationLoader) -> float:
-    """RMS per dimension of the training input (1 after --normalize), from the stores' statistics."""
+    """RMS per dimension of the training input (1 after --normalize or --token-norm), from the stores'
+    statistics."""
+    if loader.token_norm:
+        return 1.0  # every row is scaled to norm sqrt(d_model)
     stats = [s.stats(loader.hook) for s in loader.stores]
     count = sum(st.count for st in stats)
     if count == 0:
@@ -159,8 +169,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         return TrainResult(out, sae_dirs, 0, 0, 0, 0.0, already_complete=True)
 
     loader = ActivationLoader(
-        cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed, info.rank, info.world_size,
-        cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow,
+        cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed[0], info.rank, info.world_size,
+        cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow, drop_special=cfg.drop_special,
+        special_token_ids=cfg.special_token_ids, drop_norm_above=cfg.drop_norm_above, token_norm=cfg.token_norm,
     )  # fmt: skip
     monitor = Monitor(cfg, loader.stores[0], info.device, info.is_main)  # spliced evals (train/monitor.py)
     global_batch = cfg.batch_size * info.world_size
@@ -226,13 +237,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     with _disk_full_is_an_error(out, "the SAE dirs"):
         if info.is_main:
             for spec in specs:
+                extra = _sae_extra(cfg, loader, spec, totals[spec.name], global_batch)
+                if len(cfg.seed) > 1:  # which seed this one is (a single-seed run's dirs stay as they were)
+                    extra["saepipe"]["seed"] = spec.seed
                 save_sae(
                     saes[spec.name],
                     sae_dirs[spec.name],
                     hook_name=cfg.hook,
                     model_name=loader.stores[0].settings["model"]["name"],
                     input_scale=loader.scale,
-                    **_sae_extra(cfg, loader, spec, totals[spec.name], global_batch),
+                    **extra,
                 )
         checkpoint.save(out, total, {**config}, reporter.wandb_id, saes, optimizers, StreamPosition())
         if info.is_main:
@@ -249,6 +263,7 @@ def _sae_extra(
 ) -> dict:
     first = loader.stores[0]
     return {
+        **({"normalize_activations": token_norm.CFG_VALUE} if cfg.token_norm else {}),
         "context_size": first.context_size,
         "prepend_bos": bool(first.settings["prepend_bos"]),
         "dataset_path": first.settings.get("dataset", {}).get("name"),
