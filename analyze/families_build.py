@@ -298,7 +298,7 @@ def _cut_report(
                     "cos": float(cos_u[i]),
                     "fires": int(stats.fires[i]),
                     "mass": float(stats.mass[i]),
-                }  # fmt: skip
+                }
                 for i in idx
             ],
             **fs.summary(f),

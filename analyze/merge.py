@@ -99,8 +99,8 @@ def write_merged(
     info: dict,
 ) -> Path:
     """Write the merged SAE dir through the SAE dir contract (train/sae_dir.py) plus families.safetensors."""
-    from saepipe.train.saes import build_sae
     from saepipe.train.sae_dir import save_sae
+    from saepipe.train.saes import build_sae
 
     cfg = wide.cfg
     n = len(md.decoder)
@@ -177,3 +177,15 @@ def merged_info(path: str | Path) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return (cfg.get("saepipe") or {}).get("merged")
+
+
+def label_merged(metrics: dict[str, dict], dirs: dict[str, str]) -> dict[str, dict]:
+    """Recovery-table metrics (recovery_table.frontier_metrics) with each merged SAE's architecture shown
+    as what it was merged from, so a merged row is not mistaken for an SAE trained at that width."""
+    out = {name: dict(v) for name, v in metrics.items()}
+    for name, path in dirs.items():
+        info = merged_info(path)
+        if info:
+            row = out.setdefault(name, {})
+            row["architecture"] = f"{row.get('architecture', 'sae')} merged from {Path(info['source']).name}"
+    return out

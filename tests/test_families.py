@@ -24,7 +24,6 @@ from safetensors.numpy import load_file
 from saepipe.analyze.families import Candidates, agglomerate, candidate_pairs, cut
 from saepipe.analyze.families_build import build_report
 from saepipe.analyze.families_cmd import FamiliesConfig
-from saepipe.cli import main
 from saepipe.harvest.store import StoreWriter
 
 T, C, D = 16, 72, 12
@@ -118,7 +117,7 @@ def _relu_codes(sae: Path, x: np.ndarray) -> np.ndarray:
 
 def test_wide_sae_codes_are_what_the_world_says(tmp_path, world):
     """Guard for the tests below: each latent fires exactly on its kind with the designed value."""
-    root, store, kind, a, x = world
+    _, store, kind, a, x = world
     z = _relu_codes(_wide(tmp_path, store), x.astype(np.float64))
     on = {"c1": 1, "c2": 2, "c3": 3, "q+": 4, "q-": 5, "e5": 6, "e6": 7, "e7": 8, "e7+e8": 8}
     for name, k in on.items():
@@ -131,7 +130,7 @@ def test_wide_sae_codes_are_what_the_world_says(tmp_path, world):
 
 @pytest.mark.parametrize("ladder", [False, True])
 def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, ladder):
-    root, store, kind, a, x = world
+    _, store, kind, a, x = world
     wide = _wide(tmp_path, store)
     narrow = _narrow(tmp_path, store)
     cfg = FamiliesConfig(
@@ -213,7 +212,7 @@ def test_an_sae_with_no_splits_merges_to_itself(tmp_path, world, arch):
     from saepipe.train.sae_dir import save_sae
     from saepipe.train.saes import build_sae
 
-    root, store, kind, a, x = world
+    store = world[1]
     torch.manual_seed(0)
     sae = build_sae(arch, D, 10, k=2 if arch == "topk" else None)
     with torch.no_grad():
