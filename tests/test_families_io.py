@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import chromium_missing, write_relu_sae
-from test_families import D, FAMILY_P, _narrow, _wide, world  # noqa: F401  (world is a fixture)
+from test_families import FAMILY_P, D, _narrow, _wide, world  # noqa: F401  (world is a fixture)
 
 from saepipe.cli import main
 
