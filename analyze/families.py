@@ -125,7 +125,7 @@ def agglomerate(
             heap.append((-score, a, b))
     heapq.heapify(heap)
     merges: list[Merge] = []
-    n_alive = m
+    n_alive = int((fires > 0).sum())  # latents that never fired are left out of every cut
     while heap and n_alive > min_families:
         neg, a, b = heapq.heappop(heap)
         if not (alive[a] and alive[b]):
@@ -154,11 +154,19 @@ def agglomerate(
     return merges
 
 
-def cut(merges: list[Merge], m: int, threshold: float | None = None, width: int | None = None) -> np.ndarray:
+def cut(
+    merges: list[Merge],
+    m: int,
+    threshold: float | None = None,
+    width: int | None = None,
+    live: np.ndarray | None = None,
+) -> np.ndarray:
     """family [m] int64 after replaying merges until one scores below `threshold` or `width` families
-    remain. Families are numbered by their smallest member, so an SAE with no merges keeps its order."""
+    remain. Families are numbered by their smallest member, so an SAE with no merges keeps its order.
+    Latents outside `live` [m] bool (those that never fired) get family -1: left out, not counted."""
+    live = np.ones(m, bool) if live is None else live
     root = np.arange(2 * m)
-    n = m
+    n = int(live.sum())
     for step, mg in enumerate(merges):
         if (threshold is not None and mg.score < threshold) or (width is not None and n <= width):
             break
@@ -167,12 +175,14 @@ def cut(merges: list[Merge], m: int, threshold: float | None = None, width: int 
     for c in range(2 * m - 1, -1, -1):  # children point to their parent; resolve top-down
         if root[c] != c:
             root[c] = root[root[c]]
-    top = root[:m]
+    top = root[:m][live]
     firsts = np.unique(top, return_index=True)[1]  # smallest member per family (first occurrence)
     order = np.argsort(firsts)
     label = np.empty(len(firsts), dtype=np.int64)
     label[order] = np.arange(len(firsts))
-    return label[np.unique(top, return_inverse=True)[1]]
+    family = np.full(m, -1, dtype=np.int64)
+    family[live] = label[np.unique(top, return_inverse=True)[1]]
+    return family
 
 
 def ancestors(links: list[np.ndarray]) -> np.ndarray:
@@ -188,8 +198,8 @@ def ancestors(links: list[np.ndarray]) -> np.ndarray:
 class MergedDecoder:
     """One cut's merged dictionary, as functions of the wide SAE's code z [N, m]."""
 
-    family: np.ndarray  # [m] family of each latent
-    weight: np.ndarray  # [m] w_i: a_F = sum_{i in F} w_i z_i
+    family: np.ndarray  # [m] family of each latent, -1 for one left out (it never fired)
+    weight: np.ndarray  # [m] w_i: a_F = sum_{i in F} w_i z_i (0 for a latent left out)
     decoder: np.ndarray  # [n_families, d] u_F (a family of one keeps its own row)
     sizes: np.ndarray  # [n_families] members per family
 
@@ -204,20 +214,22 @@ def merged_decoder(
 ) -> MergedDecoder:
     """u_F and w_i for every family (module doc). "refit" needs the members' activation Gram: `sq` [m]
     (sum z_i^2) and `gram` (i, j, sum z_i z_j) over pairs; pairs not given count as never co-active."""
-    n_fam = int(family.max()) + 1 if len(family) else 0
-    sizes = np.bincount(family, minlength=n_fam)
-    out = decoder.astype(np.float64).copy()[np.unique(family, return_index=True)[1]]
-    weight = np.ones(len(family))
+    live = np.flatnonzero(family >= 0)
+    n_fam = int(family.max()) + 1 if len(live) else 0
+    sizes = np.bincount(family[live], minlength=n_fam)
+    first = live[np.unique(family[live], return_index=True)[1]]  # smallest member of each family
+    out = decoder.astype(np.float64)[first].copy()
+    weight = np.where(family >= 0, 1.0, 0.0)
     unit = decoder / np.maximum(np.linalg.norm(decoder, axis=1, keepdims=True), 1e-12)
     multi = np.flatnonzero(sizes > 1)
-    by_family = np.argsort(family, kind="stable")
+    by_family = live[np.argsort(family[live], kind="stable")]
     starts = np.r_[0, np.cumsum(sizes)]
     members = {f: by_family[starts[f] : starts[f + 1]] for f in multi.tolist()}
     if direction == "refit":
         if gram is None or sq is None:
             raise ValueError("direction 'refit' needs the activation Gram (sq and gram)")
         gi, gj, gv = gram
-        same = np.flatnonzero(family[gi] == family[gj])
+        same = np.flatnonzero((family[gi] == family[gj]) & (family[gi] >= 0))
         same = same[np.argsort(family[gi[same]], kind="stable")]
         bounds = np.searchsorted(family[gi[same]], [multi, multi + 1]) if len(multi) else None
     elif direction != "mean":

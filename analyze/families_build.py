@@ -138,12 +138,12 @@ def build_report(cfg: FamiliesConfig, progress: bool = True) -> dict:
     wide_name = Path(cfg.sae).name
     plans = []
     for c in cuts:
-        family = cut(merges, m, threshold=c.get("threshold"), width=c.get("width"))
+        family = cut(merges, m, threshold=c.get("threshold"), width=c.get("width"), live=stats.fires > 0)
         md = merged_decoder(decoder, stats.mass, family, cfg.direction, (pairs.i, pairs.j, gram), stats.sq)
         parent = None
         if ancestor is not None:
             parent = np.full(len(md.decoder), -1)
-            parent[family] = ancestor  # members of a family of two or more share it
+            parent[family[family >= 0]] = ancestor[family >= 0]  # members of a family share it
         plans.append({"cut": c, "name": cut_label(wide_name, c), "md": md, "parent": parent})
 
     # Pass 2: family statistics and the merged encoder's affine fit.
@@ -282,7 +282,8 @@ def _cut_report(
     if parent_sae is not None:
         pdec = parent_sae.W_dec.detach().float().cpu().numpy()
         pdec = pdec / np.maximum(np.linalg.norm(pdec, axis=1, keepdims=True), 1e-12)
-    order = np.argsort(md.family, kind="stable")
+    live = np.flatnonzero(md.family >= 0)
+    order = live[np.argsort(md.family[live], kind="stable")]
     starts = np.r_[0, np.cumsum(md.sizes)]
     families = []
     for f in range(len(md.decoder)):

@@ -89,10 +89,13 @@ class LatentStats:
         self.xz += np.asarray(z.T @ xt)
 
 
-def weight_matrix(md: MergedDecoder) -> sp.csr_matrix:
-    """W [m, n_families] with w_i at (i, family(i)): the exact family code is a = z @ W."""
+def weight_matrix(md: MergedDecoder, values: np.ndarray | None = None) -> sp.csr_matrix:
+    """W [m, n_families] with w_i (or `values`) at (i, family(i)), rows of left-out latents empty: the
+    exact family code is a = z @ W."""
     m = len(md.family)
-    return sp.csr_matrix((md.weight, (np.arange(m), md.family)), shape=(m, len(md.decoder)))
+    live = np.flatnonzero(md.family >= 0)
+    v = (md.weight if values is None else values)[live]
+    return sp.csr_matrix((v, (live, md.family[live])), shape=(m, len(md.decoder)))
 
 
 @dataclass
@@ -122,8 +125,7 @@ class FamilyStats:
             setattr(self, name, np.zeros(n))
         self.fires, self.cofire = np.zeros(n, np.int64), np.zeros(n, np.int64)
         self.W = weight_matrix(self.md)
-        m = len(self.md.family)
-        self.M = sp.csr_matrix((np.ones(m), (np.arange(m), self.md.family)), shape=self.W.shape)
+        self.M = weight_matrix(self.md, np.ones(len(self.md.family)))
         self.multi = np.flatnonzero(self.md.sizes > 1)
         self.norm_sq = (self.decoder.astype(np.float64) ** 2).sum(1)
 
@@ -168,6 +170,8 @@ class FamilyStats:
     def _energy(self, z: sp.csr_matrix) -> np.ndarray:
         """Per family, sum over tokens of |sum_{i in F} z_i d_i|^2 (exact, including co-firing members)."""
         coo = z.tocoo()
+        keep = self.md.family[coo.col] >= 0
+        coo = sp.coo_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=coo.shape)
         fam = self.md.family[coo.col]
         out = np.bincount(fam, weights=coo.data**2 * self.norm_sq[coo.col], minlength=len(self.md.decoder))
         key = coo.row.astype(np.int64) * len(self.md.decoder) + fam

@@ -64,7 +64,8 @@ def merged_tensors(
         )
     t = {name: v.detach().float().cpu().numpy() for name, v in _wide_tensors(wide).items()}
     d, n = t["W_enc"].shape[0], len(md.decoder)
-    first = np.unique(md.family, return_index=True)[1]  # per family its smallest member
+    live = np.flatnonzero(md.family >= 0)
+    first = live[np.unique(md.family[live], return_index=True)[1]]  # per family its smallest member
     W_enc, b_enc = t["W_enc"][:, first].copy(), t["b_enc"][first].copy()
     multi = np.flatnonzero(md.sizes > 1)
     W_enc[:, multi] = fit[:d, multi] * alpha[multi]
@@ -75,7 +76,7 @@ def merged_tensors(
     if arch == "jumprelu":
         theta = t["threshold"][first].copy()
         low = np.full(n, np.inf)
-        np.minimum.at(low, md.family, md.weight * t["threshold"])
+        np.minimum.at(low, md.family[live], (md.weight * t["threshold"])[live])
         theta[multi] = np.maximum(low[multi], 0.0)
         out["threshold"] = theta
     assert out["W_dec"].shape == (n, d)
@@ -133,9 +134,8 @@ class ExactMerged(torch.nn.Module):
     def __init__(self, wide: Any, merged: Any, family: np.ndarray, weight: np.ndarray):
         super().__init__()
         self.wide, self.merged, self.cfg = wide, merged, merged.cfg
-        md = MergedDecoder(
-            family, weight.astype(np.float64), merged.W_dec.detach().cpu().numpy(), np.bincount(family)
-        )
+        sizes = np.bincount(family[family >= 0], minlength=merged.d_sae)
+        md = MergedDecoder(family, weight.astype(np.float64), merged.W_dec.detach().cpu().numpy(), sizes)
         W = torch.from_numpy(weight_matrix(md).toarray()).float()
         self.register_buffer("W", W.to(merged.W_dec.device))
         self.W_dec, self.b_dec, self.d_sae = merged.W_dec, merged.b_dec, merged.d_sae

@@ -134,17 +134,18 @@ def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, l
     wide = _wide(tmp_path, store)
     narrow = _narrow(tmp_path, store)
     cfg = FamiliesConfig(
-        sae=str(wide), store=str(store), out=str(tmp_path / "fam"), threshold=[0.5, 0.65], width=[8, 7],
+        sae=str(wide), store=str(store), out=str(tmp_path / "fam"), threshold=[0.5, 0.65], width=[7, 6],
         ladder=[str(narrow)] if ladder else [], batch_tokens=100,
     )  # fmt: skip
     rep = build_report(cfg, progress=False)
     names = [c["name"] for c in rep["cuts"]]
-    assert names == ["wide-merged-t0.65", "wide-merged-t0.5", "wide-merged-w8", "wide-merged-w7"]
-    # 0.65 and width 8: only the three-way split (cosine 0.7, then 0.76); 0.5 and width 7: both splits.
+    assert names == ["wide-merged-t0.65", "wide-merged-t0.5", "wide-merged-w7", "wide-merged-w6"]
+    # 0.65 and width 7: only the three-way split (cosine 0.7, then 0.76); 0.5 and width 6: both splits.
+    # The dead latent is left out: nine live latents.
     assert _families(rep, 0) == [FAMILY_P] and _families(rep, 2) == [FAMILY_P]
     assert _families(rep, 1) == sorted([FAMILY_P, FAMILY_Q]) == _families(rep, 3)
     cut = rep["cuts"][1]
-    assert cut["n_families"] == len(WIDE) - 3
+    assert cut["n_families"] == len(WIDE) - 4 and rep["dead_latents"] == 1
     fam = {tuple(sorted(m["latent"] for m in f["members"])): f for f in cut["families"]}
     p = fam[tuple(FAMILY_P)]
     n_p = int(np.isin(kind, [1, 2, 3]).sum())
@@ -167,7 +168,7 @@ def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, l
 
     merged_dir = Path(cut["dir"])
     merged = load_sae(merged_dir)
-    assert merged.cfg["architecture"] == "relu" and merged.d_sae == len(WIDE) - 3
+    assert merged.cfg["architecture"] == "relu" and merged.d_sae == len(WIDE) - 4
     f_p = p["family"]
     np.testing.assert_allclose(merged.W_dec[f_p].detach().numpy(), E[0], atol=1e-6)
     import torch
@@ -182,6 +183,7 @@ def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, l
     # Latents left alone keep their activations and rows exactly (here: the composition e7, e7+e8).
     wide_code = _relu_codes(wide, x.astype(np.float64))
     fam_of = load_file(str(merged_dir / "families.safetensors"))["family"]
+    assert fam_of[IDX["dead"]] == -1 and sorted(set(fam_of.tolist())) == list(range(-1, len(WIDE) - 4))
     for name in ("e7", "e7+e8", "e5"):
         i = IDX[name]
         np.testing.assert_allclose(
@@ -214,14 +216,14 @@ def test_an_sae_with_no_splits_merges_to_itself(tmp_path, world, arch):
 
     store = world[1]
     torch.manual_seed(0)
-    sae = build_sae(arch, D, 10, k=2 if arch == "topk" else None)
+    sae = build_sae(arch, D, 9, k=2 if arch == "topk" else None)
     with torch.no_grad():
-        q = torch.linalg.qr(torch.randn(D, D))[0][:10]  # orthogonal rows: no pair is a candidate
-        sae.W_dec.copy_(q)
-        sae.W_enc.copy_(q.T * 3 + 0.1 * torch.randn(D, 10))
-        sae.b_enc.copy_(torch.randn(10) * 0.1)
+        q = torch.from_numpy(E[np.random.default_rng(1).permutation(9)]).float()  # e0..e8: every one is used
+        sae.W_dec.copy_(q)  # orthogonal rows: no pair is a candidate
+        sae.W_enc.copy_(q.T * 3 + 0.05 * torch.randn(D, 9))
+        sae.b_enc.copy_(torch.randn(9) * 0.05)
         if arch == "jumprelu":
-            sae.set_tensor("threshold", torch.full((10,), 0.2))
+            sae.set_tensor("threshold", torch.full((9,), 0.2))
     from saepipe.harvest import open_store
 
     rec = {
@@ -234,7 +236,7 @@ def test_an_sae_with_no_splits_merges_to_itself(tmp_path, world, arch):
         FamiliesConfig(sae=str(path), store=str(store), out=str(tmp_path / "f"), threshold=[0.3]),
         progress=False,
     )
-    assert rep["candidate_pairs"] == 0 and rep["cuts"][0]["n_merged"] == 0
+    assert rep["candidate_pairs"] == 0 and rep["cuts"][0]["n_merged"] == 0 and rep["dead_latents"] == 0
     merged = Path(rep["cuts"][0]["dir"])
     a_t, b_t = (
         load_file(str(path / "sae_weights.safetensors")),
