@@ -19,7 +19,10 @@ Evidence and how it is combined:
 - linkage: clusters merge greedily, best score first, where score(A, B) = cos(s_A, s_B) and s_A =
   sum over members of mass_i * d_i / |d_i| (mass_i: the latent's summed activation), the direction the
   merged latent would carry. Merging stops at a cosine `threshold` or at a number of families (`width`);
-  one run to the furthest cut records the order of merges, and every cut replays a prefix of it.
+  one run to the furthest cut records the order of merges, and every cut replays a prefix of it;
+- latents that never fire on the measured tokens are left out (family -1): they carry nothing a merged
+  latent could keep, and an over-complete TopK SAE can hold thousands of them, which would otherwise
+  stand between a merge and its target width.
 
 A family's merged latent (saepipe.analyze.merge): decoder row u_F, activation a_F(x) = sum_{i in F} w_i
 z_i(x) with w_i = d_i . u_F, the projection of the family's reconstruction sum_i z_i d_i onto u_F, so that
