@@ -108,6 +108,8 @@ def build_report(cfg: FamiliesConfig, progress: bool = True) -> dict:
     if stats.n_tokens == 0:
         raise SaepipeError(f"store {cfg.store} holds no tokens to measure families on")
 
+    pair_report = cofire_by_cosine(pairs, stats, cfg.candidate_cos, cfg.max_cofire)
+
     # Families: ladder ancestry, candidate pairs, one agglomeration to the furthest cut.
     ancestor = None
     co, gram = stats.co, stats.gram
@@ -223,6 +225,7 @@ def build_report(cfg: FamiliesConfig, progress: bool = True) -> dict:
         "n_latents": m,
         "dead_latents": int((stats.fires == 0).sum()),
         "candidate_pairs": len(pairs.i),
+        "pair_cofire": pair_report,
         "merges": len(merges),
         "ladder": [{"path": p, "d_sae": s.d_sae} for s, p in ladder],
         "tradeoff": tradeoff,
@@ -238,6 +241,25 @@ def build_report(cfg: FamiliesConfig, progress: bool = True) -> dict:
             out, report, tops_wide, tops_parent, ftops, store, tokenizer_decode(store), cfg.splitting
         )
     return report
+
+
+def cofire_by_cosine(pairs: Candidates, stats: LatentStats, floor: float, max_cofire: float) -> list[dict]:
+    """How exclusive similar latents are, measured: for candidate pairs (both alive) with decoder cosine at
+    least each band's `cos_min`, quantiles of co-firing (tokens where both fire / the rarer one's firing
+    tokens), the share at most `max_cofire` (mergeable), and the median co-firing chance would give."""
+    low = np.minimum(stats.fires[pairs.i], stats.fires[pairs.j])
+    ok = low > 0
+    frac = stats.co[ok] / low[ok]
+    chance = stats.fires[pairs.i][ok] * stats.fires[pairs.j][ok] / max(stats.n_tokens, 1) / low[ok]
+    out = []
+    for lo in sorted(b for b in {floor, 0.3, 0.4, 0.5, 0.7} if b >= floor):
+        sel = pairs.cos[ok] >= lo
+        if sel.any():
+            q = np.quantile(frac[sel], [0.1, 0.5, 0.9])
+            out.append({"cos_min": lo, "pairs": int(sel.sum()), "cofire_q10_q50_q90": [float(v) for v in q],
+                        "share_exclusive": float((frac[sel] <= max_cofire).mean()),
+                        "chance_median": float(np.median(chance[sel]))})  # fmt: skip
+    return out
 
 
 def _col(m: sp.spmatrix) -> np.ndarray:

@@ -169,6 +169,13 @@ def run(cfg: FamiliesConfig) -> int:
             f"{c['largest']}), median sibling co-firing {_fmt(c['median_sibling_cofire'])}, median energy kept "
             f"{_fmt(c['median_energy_kept'])}"
         )
+    for band in report["pair_cofire"]:
+        q = band["cofire_q10_q50_q90"]
+        print(
+            f"pairs with decoder cosine >= {band['cos_min']:.2f}: {band['pairs']}, co-firing 10/50/90% "
+            f"{q[0]:.3f}/{q[1]:.3f}/{q[2]:.3f} (chance {band['chance_median']:.3f}), "
+            f"{band['share_exclusive']:.0%} exclusive enough to merge"
+        )
     pages = ", index.html" if cfg.pages else ""
     print(f"report written to {cfg.out} (families.json, tradeoff.csv, merged/{pages})")
     return 0

@@ -144,6 +144,8 @@ def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, l
     # The dead latent is left out: nine live latents.
     assert _families(rep, 0) == [FAMILY_P] and _families(rep, 2) == [FAMILY_P]
     assert _families(rep, 1) == sorted([FAMILY_P, FAMILY_Q]) == _families(rep, 3)
+    (band, *_) = rep["pair_cofire"]  # five candidate pairs: four exclusive siblings, one composition
+    assert band["cos_min"] == 0.3 and band["pairs"] == 5 and band["share_exclusive"] == pytest.approx(0.8)
     cut = rep["cuts"][1]
     assert cut["n_families"] == len(WIDE) - 4 and rep["dead_latents"] == 1
     fam = {tuple(sorted(m["latent"] for m in f["members"])): f for f in cut["families"]}
@@ -189,6 +191,23 @@ def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, l
         np.testing.assert_allclose(
             merged.encode(xt).detach().numpy()[:, fam_of[i]], wide_code[:, i], atol=1e-6
         )
+
+    # The trade-off's FVU and L0, exact and as written, against numpy on the weights.
+    w = load_file(str(merged_dir / "families.safetensors"))["weight"].astype(np.float64)
+    W = np.zeros((len(WIDE), merged.d_sae))
+    W[fam_of >= 0, fam_of[fam_of >= 0]] = w[fam_of >= 0]
+    m_w = {k: v.astype(np.float64) for k, v in load_file(str(merged_dir / "sae_weights.safetensors")).items()}
+    x64 = x.astype(np.float64)
+    total = ((x64 - x64.mean(0)) ** 2).sum()
+    rows = {r["role"]: r for r in rep["tradeoff"] if r["name"].startswith(merged_dir.name)}
+    a_exact = wide_code @ W
+    fvu_exact = ((x64 - a_exact @ m_w["W_dec"] - m_w["b_dec"]) ** 2).sum() / total
+    z_fit = _relu_codes(merged_dir, x64)
+    fvu_fit = ((x64 - z_fit @ m_w["W_dec"] - m_w["b_dec"]) ** 2).sum() / total
+    assert rows["merged, exact code"]["fvu"] == pytest.approx(fvu_exact, rel=1e-5, abs=1e-9)
+    assert rows["merged"]["fvu"] == pytest.approx(fvu_fit, rel=1e-4, abs=1e-7)
+    assert rows["merged, exact code"]["l0"] == pytest.approx((a_exact > 0).sum(1).mean())
+    assert 0.01 < fvu_exact < 0.2  # non-vacuous: merging loses the split directions' e1, e2, e4 parts
 
 
 def test_agglomerate_refuses_co_firing_pairs_and_cut_replays_prefixes():
