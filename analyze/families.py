@@ -211,7 +211,7 @@ def merged_decoder(
     decoder: np.ndarray,
     mass: np.ndarray,
     family: np.ndarray,
-    direction: str = "mean",
+    direction: str = "refit",
     gram: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     sq: np.ndarray | None = None,
 ) -> MergedDecoder:

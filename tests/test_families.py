@@ -273,3 +273,25 @@ def test_an_sae_with_no_splits_merges_to_itself(tmp_path, world, arch):
         rows["merged"]["fvu"] == pytest.approx(rows["wide"]["fvu"], rel=1e-6)
         and rows["merged"]["firing_f1"] == 1.0
     )
+
+
+def test_refit_direction_is_the_top_principal_direction_of_the_family():
+    """`refit` from the streamed Gram equals the top eigenvector of the family's reconstructions R^T R."""
+    from saepipe.analyze.families import merged_decoder
+
+    rng = np.random.default_rng(0)
+    dec = rng.standard_normal((5, 6))
+    family = np.array([0, 0, 0, 1, 2])
+    z = np.abs(rng.standard_normal((200, 3))) * (rng.random((200, 3)) < 0.5)  # codes of latents 0..2
+    gram = z.T @ z
+    gi, gj = np.array([0, 0, 1]), np.array([1, 2, 2])
+    sq = np.r_[np.diag(gram), 1.0, 1.0]
+    md = merged_decoder(dec, np.r_[z.sum(0), 1, 1], family, "refit", (gi, gj, gram[gi, gj]), sq)
+    r = z @ dec[:3]  # the family's part of the reconstruction, per token
+    u = np.linalg.eigh(r.T @ r)[1][:, -1]
+    assert abs(md.decoder[0] @ u) == pytest.approx(1, abs=1e-9)
+    np.testing.assert_allclose(md.weight[:3], dec[:3] @ md.decoder[0])
+    assert (md.decoder[1:] == dec[3:]).all() and (md.weight[3:] == 1).all() and md.sizes.tolist() == [3, 1, 1]
+    mean = merged_decoder(dec, np.r_[z.sum(0), 1, 1], family, "mean")
+    s = (dec[:3] / np.linalg.norm(dec[:3], axis=1, keepdims=True) * z.sum(0)[:, None]).sum(0)
+    np.testing.assert_allclose(mean.decoder[0], s / np.linalg.norm(s))
