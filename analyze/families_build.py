@@ -341,6 +341,7 @@ def _cut_report(
         "dir": path,
         "architecture": plan["arch"],
         "n_families": len(families),
+        "reached": "width" not in plan["cut"] or len(families) <= plan["cut"]["width"],
         "n_merged": len(multi),
         "largest": int(md.sizes.max()) if len(md.sizes) else 0,
         "median_sibling_cofire": median([fam["sibling_cofire"] for fam in multi]),

@@ -169,6 +169,12 @@ def run(cfg: FamiliesConfig) -> int:
             f"{c['name']}: {c['n_families']} families ({c['n_merged']} of two or more latents, largest "
             f"{c['largest']}), median sibling co-firing {_fmt(c['median_sibling_cofire'])}, median energy kept "
             f"{_fmt(c['median_energy_kept'])}"
+            + (
+                ""
+                if c["reached"]
+                else f"; stopped above --width {c['cut']['width']}: no pair left within --candidate-cos and "
+                "--max-cofire"
+            )
         )
     for band in report["pair_cofire"]:
         q = band["cofire_q10_q50_q90"]

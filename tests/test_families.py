@@ -134,16 +134,24 @@ def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, l
     wide = _wide(tmp_path, store)
     narrow = _narrow(tmp_path, store)
     cfg = FamiliesConfig(
-        sae=str(wide), store=str(store), out=str(tmp_path / "fam"), threshold=[0.5, 0.65], width=[7, 6],
+        sae=str(wide), store=str(store), out=str(tmp_path / "fam"), threshold=[0.5, 0.65], width=[7, 6, 3],
         ladder=[str(narrow)] if ladder else [], batch_tokens=100,
     )  # fmt: skip
     rep = build_report(cfg, progress=False)
     names = [c["name"] for c in rep["cuts"]]
-    assert names == ["wide-merged-t0.65", "wide-merged-t0.5", "wide-merged-w7", "wide-merged-w6"]
+    assert names == [
+        "wide-merged-t0.65",
+        "wide-merged-t0.5",
+        "wide-merged-w7",
+        "wide-merged-w6",
+        "wide-merged-w3",
+    ]
     # 0.65 and width 7: only the three-way split (cosine 0.7, then 0.76); 0.5 and width 6: both splits.
     # The dead latent is left out: nine live latents.
     assert _families(rep, 0) == [FAMILY_P] and _families(rep, 2) == [FAMILY_P]
-    assert _families(rep, 1) == sorted([FAMILY_P, FAMILY_Q]) == _families(rep, 3)
+    assert _families(rep, 1) == sorted([FAMILY_P, FAMILY_Q]) == _families(rep, 3) == _families(rep, 4)
+    # Width 3 cannot be reached: nothing else is similar, and the composition fires together.
+    assert [c["reached"] for c in rep["cuts"]] == [True, True, True, True, False]
     (band, *_) = rep["pair_cofire"]  # five candidate pairs: four exclusive siblings, one composition
     assert band["cos_min"] == 0.3 and band["pairs"] == 5 and band["share_exclusive"] == pytest.approx(0.8)
     cut = rep["cuts"][1]
