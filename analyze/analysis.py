@@ -3,21 +3,28 @@
     saepipe analyze --sae runs/sae --store stores/smollm2 --out reports/sae [--top-k 20] [--tokens N]
 
 Steps: open the SAE (saepipe.train.load_sae) and its store; one streaming pass for the statistics
-(saepipe.analyze.stats); logit effects from the model's unembedding (saepipe.analyze.logits); write the
-report (saepipe.analyze.report), then the dashboard and, if asked, the W&B summary.
+(saepipe.analyze.stats, fed sparse codes by `SAE.encode_sparse`); explain every latent and score the
+explanations on held-out contexts (saepipe.analyze.explanations), and with --explainer also with a
+language model (saepipe.analyze.lm_explainer); logit effects from the model's unembedding
+(saepipe.analyze.logits); write the report (saepipe.analyze.report), then the dashboard and, if asked,
+the W&B summary.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from saepipe.analyze.config import AnalyzeConfig
+from saepipe.analyze.explanations import explain_and_score, explain_and_score_fast
 from saepipe.analyze.inputs import open_inputs
 from saepipe.analyze.logits import logit_effects, unembedding_of
+from saepipe.analyze.ranking import classify, order, scores
 from saepipe.analyze.report import write_report
 from saepipe.analyze.stats import collect_stats
+from saepipe.analyze.stats_fast import simple_stats
 from saepipe.errors import SaepipeError
 from saepipe.harvest.models import load_model, resolve_device
 
@@ -30,6 +37,15 @@ class AnalyzeResult:
     n_dead: int
     n_dense: int
     seconds: float
+    rank_by: str
+    n_ranked: int
+    """Latents ranked by `rank_by` (live, not ultra-dense, with a defined score)."""
+    n_tied: int
+    """Ranked latents whose score another ranked latent shares."""
+    n_unscored: int
+    """Live, not ultra-dense latents without a score under `rank_by` (e.g. no held-out activation)."""
+    explain_seconds: float
+    """Time spent explaining and scoring (deterministic explainer; the language model's not included)."""
 
 
 # What a report dir holds (saepipe.analyze.report, saepipe.analyze.dashboard): a killed run leaves some of it.
@@ -73,10 +89,11 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
             "the SAE with `saepipe recovery` instead"
         )
     n_latents = int(sae.cfg["d_sae"])
+    simple = simple_stats()
     stats = collect_stats(
         store,
         inp.hook,
-        sae.encode,
+        sae.encode if simple else sae.encode_sparse,
         n_latents,
         cfg.top_k,
         cfg.samples,
@@ -85,7 +102,13 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         batch_tokens=cfg.batch_tokens,
         seed=cfg.seed,
         progress=progress,
+        reservoir=cfg.score_samples,
+        pool_contexts=cfg.score_contexts,
     )
+    t_explain = time.perf_counter()
+    first = 1 if store.settings["prepend_bos"] else 0
+    table = (explain_and_score if simple else explain_and_score_fast)(stats, first, cfg.score_min_active)
+    explain_seconds = time.perf_counter() - t_explain
     model = load_model(store.settings["model"]["name"], str(device))
     if model.fingerprint != store.settings["model"]["fingerprint"]:
         raise SaepipeError(
@@ -94,6 +117,13 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         )
     effects = logit_effects(sae.W_dec.detach(), unembedding_of(model.bridge), cfg.logit_tokens)
     tok = model.tokenizer
+    lm = None
+    if cfg.explainer:
+        from saepipe.analyze.lm_explainer import explain_with_lm
+
+        dead, dense = classify(stats, cfg.dense_threshold)
+        best = order(scores(stats, table.scores["score"])[cfg.rank_by], dead, dense)[: cfg.explainer_latents]
+        lm = explain_with_lm(cfg, stats, first, best, lambda ids: [tok.decode([i]) for i in ids], progress)
     meta = {
         "sae": str(cfg.sae),
         "sae_cfg": sae.cfg,
@@ -101,6 +131,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         "hook": inp.hook,
         "model": store.settings["model"]["name"],
         "histogram": "log10(activation) of active tokens, fixed edges hist_edges; outside values clipped",
+        "explanation": "n-gram explanations scored on held-out contexts; see saepipe.analyze.scoring",
         "interpretability": "token concentration of the top contexts; see saepipe.analyze.ranking",
         "logit_effects": "direct path through the final norm's scale and W_U; see saepipe.analyze.logits",
     }
@@ -112,6 +143,8 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         meta,
         cfg.rank_by,
         cfg.dense_threshold,
+        table,
+        lm,
     )
     if cfg.dashboard:
         from saepipe.analyze.dashboard import write_dashboard
@@ -123,4 +156,8 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         from saepipe.analyze.wandb_log import log_report
 
         log_report(out, cfg.wandb_project, cfg.wandb_cards)
-    return AnalyzeResult(out, n_latents, stats.n_tokens, dead, dense, time.perf_counter() - t0)
+    r = json.loads((out / "report.json").read_text())["ranking"]
+    return AnalyzeResult(
+        out, n_latents, stats.n_tokens, dead, dense, time.perf_counter() - t0,
+        cfg.rank_by, r["ranked"], r["tied"], r["unscored"], explain_seconds,
+    )  # fmt: skip

@@ -16,9 +16,14 @@ def run(cfg: AnalyzeConfig) -> int:
 
     r = analyze(cfg)
     print(
-        f"analyzed {r.n_latents} latents over {r.n_tokens:,} tokens in {r.seconds:.1f}s: "
-        f"{r.n_dead} dead, {r.n_dense} ultra-dense; report in {r.out}"
+        f"analyzed {r.n_latents} latents over {r.n_tokens:,} tokens in {r.seconds:.1f}s "
+        f"(explanations {r.explain_seconds:.1f}s): {r.n_dead} dead, {r.n_dense} ultra-dense; report in {r.out}"
         + (f" (open {Path(r.out) / 'index.html'})" if cfg.dashboard else "")
+    )
+    unique = r.n_ranked - r.n_tied
+    print(
+        f"ranked {r.n_ranked} latents by {r.rank_by}: {r.n_tied} tied (share their score with another), "
+        f"{unique} unique ({100 * unique / max(r.n_ranked, 1):.1f}%); {r.n_unscored} without a score"
     )
     return 0
 

@@ -13,6 +13,11 @@ COMMANDS = {
         "saepipe.analyze.config:EvaluateConfig",
         "saepipe.analyze.cli:run_evaluate",
     ),
+    "steer": Command(
+        "generate from a prompt with and without steering, clamping or ablating SAE latents, side by side",
+        "saepipe.analyze.config:SteerConfig",
+        "saepipe.analyze.steer:run",
+    ),
     "recovery": Command(
         "score an SAE trained on synthetic data against the true features, by feature frequency",
         "saepipe.analyze.recovery:RecoveryConfig",

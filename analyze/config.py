@@ -1,8 +1,10 @@
-"""The analyze stage's configs: `saepipe analyze` and `saepipe evaluate` flags (and pipelines.yaml sections)."""
+"""The analyze stage's configs: `saepipe analyze`, `evaluate` and `steer` flags (and pipelines.yaml sections)."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from saepipe.config import StageConfig
 
@@ -23,8 +25,33 @@ class AnalyzeConfig(StageConfig):
     samples: int = Field(16, gt=0)
     """Size of the uniform per-latent sample of active positions; the dashboard shows those below the median
     (what a latent does when weakly active)."""
-    rank_by: str = "interpretability"
-    """Ranking key of the dashboard's list: interpretability, max_activation, frequency, mean_activation."""
+    score_samples: int = Field(64, gt=0)
+    """Uniformly sampled active positions kept per latent for its explanation: those in even contexts build
+    it, those in odd contexts score it (held out); the dashboard's `samples` are the first of them."""
+    score_contexts: int = Field(256, ge=0)
+    """Contexts spread over the store whose whole codes are kept: the even half tells the explainer how
+    often each n-gram occurs without the latent, the odd half gives held-out windows where it is inactive
+    (detection negatives)."""
+    score_min_active: int = Field(4, ge=1)
+    """Latents with fewer held-out active windows get no explanation score (too few to tell explanations
+    apart) and are left out of the explanation ranking; their other scores are still reported."""
+    rank_by: str = "explanation"
+    """Ranking key of the dashboard's list: explanation (held-out detection, fuzzing and simulation score of
+    each latent's explanation), interpretability (token concentration), max_activation, frequency,
+    mean_activation."""
+    explainer: str | None = None
+    """Also explain and score the best-ranked latents with this language model, delphi-style (a local HF
+    directory, a hub id, or smollm2-135m); the deterministic explainer still ranks."""
+    explainer_latents: int = Field(16, gt=0)
+    """How many latents (the first of the ranking) the language model explains and scores."""
+    explainer_examples: int = Field(8, gt=0)
+    """Examples the language model sees per latent: to explain, and of each kind to score (active,
+    inactive, correctly and wrongly highlighted)."""
+    explainer_batch: int = Field(8, gt=0)
+    """Prompts per language-model forward pass."""
+    explainer_cache: str | None = None
+    """Where the language model's answers are cached (keyed by model weights, prompt and settings);
+    default: SAEPIPE_HOME/explainer-cache."""
     dense_threshold: float = Field(0.1, gt=0, le=1)
     """Latents active on more than this fraction of tokens are reported as ultra-dense, not ranked."""
     logit_tokens: int = Field(10, gt=0)
@@ -43,6 +70,14 @@ class AnalyzeConfig(StageConfig):
     """Latent cards (top-ranked latents) logged to W&B."""
     seed: int = 0
     """Seed of the per-latent sampling of weakly active positions."""
+
+    @model_validator(mode="after")
+    def _reservoir_holds_samples(self) -> AnalyzeConfig:
+        if self.score_samples < self.samples:
+            raise ValueError(
+                f"score_samples ({self.score_samples}) must be at least samples ({self.samples})"
+            )
+        return self
 
     @field_validator("rank_by")
     @classmethod
@@ -69,3 +104,59 @@ class EvaluateConfig(StageConfig):
     """Where to write the JSON results; default: SAE_DIR/evaluation.json."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, or cuda:N."""
+
+
+class SteerConfig(StageConfig):
+    sae: str
+    """SAE directory whose latents to intervene with, in the model it was trained on."""
+    latent: list[str]
+    """Latent to intervene with, as ID or ID=VALUE (VALUE default 1, multiplied by --scale); repeatable."""
+    prompt: str
+    """Text to continue (the model's BOS is put in front, as in training)."""
+    mode: Literal["steer", "clamp", "ablate"] = "steer"
+    """steer: add VALUE x scale x the latent's decoder row; clamp: set the latent to VALUE x scale; ablate:
+    set it to 0. The SAE's error term is kept, so only these latents change the model."""
+    scale: float = 1.0
+    """Multiplies every latent's VALUE (steering strength, or the clamp value)."""
+    tokens: int = Field(20, gt=0)
+    """Tokens to generate, with and without the intervention."""
+    seed: int = 0
+    """Sampling seed: both generations use it, so they differ only by the intervention."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; 0 is greedy."""
+    model: str | None = None
+    """Model to run; default: the SAE's model_name (it must have the weights the SAE was trained on)."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda, or cuda:N."""
+    out: str | None = None
+    """Also write the prompt, settings and both continuations to this JSON file."""
+
+    @field_validator("latent")
+    @classmethod
+    def _latents(cls, v: list[str]) -> list[str]:
+        parse_latents(v)
+        return v
+
+    def latents(self) -> dict[int, float]:
+        """Latent id -> VALUE x scale, in the order given."""
+        return {i: value * self.scale for i, value in parse_latents(self.latent).items()}
+
+
+def parse_latents(specs: list[str]) -> dict[int, float]:
+    """`["12", "7=2.5"]` -> {12: 1.0, 7: 2.5}; refuses malformed, negative and repeated ids."""
+    out: dict[int, float] = {}
+    for spec in specs:
+        ident, _, value = spec.partition("=")
+        try:
+            latent = int(ident)
+            amount = float(value) if value else 1.0
+        except ValueError:
+            raise ValueError(f"{spec!r} is not ID or ID=VALUE (e.g. 12 or 12=4.5)") from None
+        if latent < 0:
+            raise ValueError(f"{spec!r}: latent ids start at 0")
+        if latent in out:
+            raise ValueError(f"latent {latent} is given twice")
+        out[latent] = amount
+    if not out:
+        raise ValueError("give at least one latent (--latent ID or ID=VALUE)")
+    return out

@@ -4,7 +4,8 @@
 
 Held-out text: contexts packed exactly as the harvest packed the store (same dataset, tokenizer, context
 size, BOS) but taken after the contexts the store holds, so the SAE never trained on them (`--dataset`
-swaps in another text source, packed from its start). Three forwards per batch, at the SAE's hook:
+swaps in another text source, packed from its start). Three forwards per batch, at the SAE's hook, the
+last two through saepipe.splice (train/faithfulness.py, shared with training's --eval-every):
 
     clean     the original activations
     spliced   x -> decode(encode(x))
@@ -25,27 +26,21 @@ identical in all three runs and is left out).
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from saepipe.analyze.config import EvaluateConfig
 from saepipe.analyze.inputs import open_inputs
 from saepipe.errors import SaepipeError
-from saepipe.harvest.corpus import iter_texts, pack_contexts
-from saepipe.harvest.hooks import resolve_hooks
+from saepipe.harvest.corpus import heldout_contexts
 from saepipe.harvest.models import load_model, resolve_device
-from saepipe.harvest.store import ActivationStore
+from saepipe.train.faithfulness import measure
+from saepipe.train.splice import Observed, Splice
 
 
 @dataclass(frozen=True)
@@ -79,59 +74,26 @@ class EvalResult:
         return "\n".join([head, *(f"  {name:<20} {value:>10.4f}" for name, value in rows)])
 
 
-def heldout_contexts(
-    store: ActivationStore, tokenizer: Any, n: int, dataset: str | None = None
-) -> np.ndarray:
-    """[m <= n, context_size] int32 contexts packed like the store's, after the ones it holds."""
-    s = store.settings
-    ds = s["dataset"]
-    if dataset is None:
-        texts = iter_texts(ds["name"], ds["config"], ds["split"], ds["text_column"])
-        skip = store.n_contexts  # packing is deterministic: these are exactly the store's contexts
-    else:
-        texts, skip = iter_texts(dataset, None, "train", "text"), 0
-    packed = pack_contexts(texts, tokenizer, store.context_size, bool(s["prepend_bos"]))
-    rows = list(itertools.islice(packed, skip, skip + n))
-    if not rows:
-        where = (
-            f"--dataset {dataset}"
-            if dataset
-            else f"the store's dataset {ds['name']} after its {skip} contexts"
-        )
-        raise SaepipeError(
-            f"no held-out text: {where} holds less than one context; give --dataset with more text"
-        )
-    return np.stack(rows)
-
-
-@contextlib.contextmanager
-def replaced(
-    bridge: Any, point: str, fn: Callable[[torch.Tensor], torch.Tensor], first: int
-) -> Iterator[None]:
-    """Within the block, positions `first:` of hook `point` are replaced by `fn(x)`; removed in finally."""
-
-    def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
-        out = x.clone()
-        out[:, first:] = fn(x[:, first:]).to(x.dtype)
-        return out
-
-    with bridge.hooks(fwd_hooks=[(point, hook)]):  # TransformerBridge removes its hooks in a finally
-        yield
-
-
 class _Sums:
-    """Running sums for the metrics (float64)."""
+    """Running sums of the reconstruction metrics (float64), fed by the splice's `observe`."""
 
     def __init__(self, d_in: int, d_sae: int, device: torch.device):
-        self.ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-        self.kl = 0.0
-        self.n_pred = 0
         self.n_tok = 0
         self.sq_err = 0.0
         self.x_sum = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.x_sq = 0.0
         self.l0 = 0.0
         self.ever_active = torch.zeros(d_sae, dtype=torch.bool, device=device)
+
+    def observe(self, seen: Observed) -> None:
+        x, z = seen.x, seen.z  # [n, d_in], [n, d_sae] at the spliced positions
+        self.sq_err += float(((x - seen.recon) ** 2).sum(dtype=torch.float64))
+        self.x_sum += x.sum(dim=0, dtype=torch.float64)
+        self.x_sq += float((x * x).sum(dtype=torch.float64))
+        active = z > 0
+        self.l0 += float(active.sum())
+        self.n_tok += active.shape[0]
+        self.ever_active |= active.any(0)
 
 
 @torch.inference_mode()
@@ -150,61 +112,24 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
             f"model {store.settings['model']['name']} no longer has the weights store {store.path} was harvested "
             "with (fingerprints differ); cannot evaluate the SAE on it"
         )
-    bridge = model.bridge
-    point = resolve_hooks(bridge, [inp.hook])[inp.hook]
     tokens = heldout_contexts(store, model.tokenizer, cfg.contexts, cfg.dataset)
-    first = 1 if store.settings["prepend_bos"] else 0
     sums = _Sums(int(sae.cfg["d_in"]), int(sae.cfg["d_sae"]), device)
-
-    def splice(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        z = sae.encode(xf)
-        x_hat = sae.decode(z)
-        sums.sq_err += float(((xf - x_hat) ** 2).sum(dtype=torch.float64))
-        sums.x_sum += xf.sum(dim=(0, 1), dtype=torch.float64)
-        sums.x_sq += float((xf * xf).sum(dtype=torch.float64))
-        active = z > 0
-        sums.l0 += float(active.sum())
-        sums.n_tok += active.shape[0] * active.shape[1]
-        sums.ever_active |= active.flatten(0, 1).any(0)
-        return x_hat
-
-    bar = tqdm(total=len(tokens), unit="ctx", desc="evaluate", disable=not progress)
-    for b in range(0, len(tokens), cfg.batch_size):
-        batch = torch.from_numpy(tokens[b : b + cfg.batch_size]).long().to(device)
-        target = batch[:, first + 1 :].reshape(-1)
-
-        def log_probs(logits: torch.Tensor) -> torch.Tensor:
-            return F.log_softmax(logits[:, first:-1].float(), dim=-1).flatten(0, 1)
-
-        clean = log_probs(bridge(batch, return_type="logits"))
-        sums.ce["clean"] += float(F.nll_loss(clean, target, reduction="sum"))
-        with replaced(bridge, point, splice, first):
-            spliced = log_probs(bridge(batch, return_type="logits"))
-        sums.ce["spliced"] += float(F.nll_loss(spliced, target, reduction="sum"))
-        sums.kl += float(F.kl_div(spliced, clean, log_target=True, reduction="sum"))
-        del spliced
-        with replaced(bridge, point, torch.zeros_like, first):
-            zero = log_probs(bridge(batch, return_type="logits"))
-        sums.ce["zero"] += float(F.nll_loss(zero, target, reduction="sum"))
-        sums.n_pred += len(target)
-        bar.update(len(batch))
-    bar.close()
-
-    ce = {k: v / sums.n_pred for k, v in sums.ce.items()}
+    skip_bos = bool(store.settings["prepend_bos"])  # the store put BOS at position 0: leave it untouched
+    splice = Splice(sae, hook=inp.hook, observe=sums.observe)
+    with tqdm(total=len(tokens), unit="ctx", desc="evaluate", disable=not progress) as bar:
+        (f,) = measure(model.bridge, [splice], tokens, cfg.batch_size, skip_bos, on_batch=bar.update)
     mean = sums.x_sum / sums.n_tok
     total_var = sums.x_sq - sums.n_tok * float((mean * mean).sum())
-    denom = ce["zero"] - ce["clean"]
     return EvalResult(
         sae=str(cfg.sae),
         hook=inp.hook,
-        n_contexts=len(tokens),
-        n_predictions=sums.n_pred,
-        ce_clean=ce["clean"],
-        ce_spliced=ce["spliced"],
-        ce_zero=ce["zero"],
-        loss_recovered=(ce["zero"] - ce["spliced"]) / denom if denom != 0 else float("nan"),
-        kl=sums.kl / sums.n_pred,
+        n_contexts=f.n_contexts,
+        n_predictions=f.n_predictions,
+        ce_clean=f.ce_clean,
+        ce_spliced=f.ce_spliced,
+        ce_zero=f.ce_zero,
+        loss_recovered=f.loss_recovered,
+        kl=f.kl,
         fvu=sums.sq_err / total_var,
         l0=sums.l0 / sums.n_tok,
         dead_fraction=float((~sums.ever_active).float().mean()),

@@ -190,15 +190,13 @@ def resolve_hook(store: Any, sae_cfgs: list[dict], hook: str | None) -> str:
 
 def check_compatible(path: str, cfg: dict, store: Any) -> None:
     """Refuse an SAE whose input width or training model differs from the store's."""
+    from saepipe.train.sae_dir import model_fingerprints
+
     if int(cfg["d_in"]) != store.d_model:
         raise SaepipeError(
             f"SAE {path} reads d_in={cfg['d_in']} but store {store.path} has d_model={store.d_model}"
         )
-    recorded = (cfg.get("saepipe") or {}).get("store") or []
-    # One dict per training store (train/trainer.py writes a list; older dirs hold one dict).
-    fps = {s.get("model_fingerprint") for s in ([recorded] if isinstance(recorded, dict) else recorded)} - {
-        None
-    }
+    fps = model_fingerprints(cfg)
     if fps and store.settings["model"]["fingerprint"] not in fps:
         raise SaepipeError(
             f"SAE {path} was trained on activations of another model (or synthetic set) than store "
@@ -264,7 +262,4 @@ def measure_frontier(
     for batch in encode_stream(saes, store, hook, batch_tokens, max_tokens):
         for r, z, x_hat in zip(stats, batch.latents, batch.recon):
             r.update(batch.x, x_hat, z.nnz)
-    return [
-        point(p, s.cfg["architecture"], s.d_sae, r, k=s.cfg.get("k"))
-        for s, p, r in zip(saes, sae_paths, stats)
-    ]
+    return [point(p, s.architecture, s.d_sae, r, k=s.k) for s, p, r in zip(saes, sae_paths, stats)]

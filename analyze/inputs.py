@@ -12,6 +12,7 @@ import torch
 from saepipe.errors import SaepipeError
 from saepipe.harvest import ActivationStore, open_store
 from saepipe.train import load_sae
+from saepipe.train.sae_dir import model_fingerprints, recorded_stores
 
 
 @dataclass
@@ -26,9 +27,7 @@ def open_inputs(sae_path: str, store_path: str | None, hook: str | None, device:
     if not Path(sae_path).is_dir():
         raise SaepipeError(f"--sae {sae_path}: no such directory; give an SAE dir written by `saepipe train`")
     sae = load_sae(sae_path, device)
-    # One record per training store: train/trainer.py writes a list, older dirs hold one dict.
-    records = (sae.cfg.get("saepipe") or {}).get("store") or []
-    records = [records] if isinstance(records, dict) else list(records)
+    records = recorded_stores(sae.cfg)
     store_path = store_path or (records[0].get("path") if records else None)
     if not store_path:
         raise SaepipeError(f"--sae {sae_path}: its cfg.json records no store; give --store")
@@ -46,7 +45,7 @@ def open_inputs(sae_path: str, store_path: str | None, hook: str | None, device:
             f"SAE {sae_path} takes d_in={sae.cfg['d_in']} but store {store_path} has d_model={store.d_model}; "
             "give the store the SAE was trained on"
         )
-    fingerprints = {r.get("model_fingerprint") for r in records} - {None}
+    fingerprints = model_fingerprints(sae.cfg)
     if fingerprints and store.settings["model"]["fingerprint"] not in fingerprints:
         raise SaepipeError(
             f"SAE {sae_path} was trained on activations of a different model than store {store_path} "

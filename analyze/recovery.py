@@ -36,6 +36,7 @@ from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
 from saepipe.analyze.absorption import AbsorptionAccumulator, absorption_report
+from saepipe.analyze.absorption_page import write_absorption_page
 from saepipe.config import StageConfig
 from saepipe.errors import SaepipeError
 
@@ -340,7 +341,9 @@ class RecoveryConfig(StageConfig):
     store: str | None = None
     """Store to stream (default: the synthetic set's own store, TRUTH/store)."""
     out: str | None = None
-    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays) as JSON here."""
+    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays) as JSON here,
+    and beside it (same name, .html) a page of every parent's absorption linking to the latents that took
+    its place."""
     max_tokens: int | None = Field(None, gt=0)
     """Score on at most this many tokens (whole chunks, from the start of the store)."""
     batch_tokens: int = Field(8192, gt=0)
@@ -402,5 +405,6 @@ def run(cfg: RecoveryConfig) -> int:
         path = Path(cfg.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(report)))
-        print(f"report written to {path}")
+        page = write_absorption_page(json.loads(path.read_text()), path, Path(cfg.sae).name)
+        print(f"report written to {path}; absorption page {page}")
     return 0

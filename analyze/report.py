@@ -4,20 +4,32 @@ Layout of REPORT_DIR (open formats only):
 
     report.json             metadata, written last (a report without it is unfinished): SAE dir and cfg,
                             store path and hook, tokens analyzed, top_k, window, histogram edges,
-                            thresholds, rank_by, the ranking keys and their docs
+                            thresholds, rank_by, the ranking keys and their docs, and `ranking`: how
+                            many latents the rank_by key ranks, how many of them share their score
+                            with another (`tied`) and how many it cannot score (`unscored`)
     latents.parquet         one row per latent: latent, n_active, density, mean, mean_active, max,
                             dead, dense, one `score_<key>` column per ranking key, rank (by rank_by;
-                            -1 for dead and ultra-dense latents), peak_token (most common top token id)
-    arrays.safetensors      per-latent arrays: top_values/top_contexts/top_positions [L, k],
-                            top_window_tokens/top_window_acts [L, k, W] (see saepipe.analyze.stats),
-                            sample_* likewise [L, samples] (smallest value first), histogram [L, bins],
-                            hist_edges [bins + 1] (log10 activation), logit_top_ids/values and
+                            -1 for dead, ultra-dense and unscored latents), peak_token (most common top
+                            token id), explanation (text) and its held-out scores (the `Scores` fields of
+                            saepipe.analyze.scoring: detection_*, fuzzing_*, simulation, heldout_*), and
+                            with --explainer the language model's `lm_explanation` and `lm_*` scores
+    arrays.safetensors      per-latent arrays: top_values/top_contexts/top_positions [L, k] and
+                            top_window_tokens [L, k, W] (see saepipe.analyze.stats); sample_* likewise
+                            [L, samples] (smallest value first) and heldout_* [L, HELDOUT_SHOWN] (held-out
+                            active windows, as scored); each set's activations on every window token
+                            stored sparsely: <set>_acts_index (int64 flat index into [L, n, W] of every
+                            slot inside a context whose value is not exactly 0, NaN included) and
+                            <set>_acts_value (float32); slots outside a context (token -1) are NaN;
+                            explanation_keys/predicted/share/precision [L, MAX_PATTERNS] (the n-grams of
+                            saepipe.analyze.explain, key 0: none); histogram [L, bins], hist_edges
+                            [bins + 1] (log10 activation), logit_top_ids/values and
                             logit_bottom_ids/values [L, n]
     vocab.json              {token id: text} for every token id the arrays mention, decoded with the
                             model's tokenizer, so readers need no tokenizer
     index.html, data/       the static dashboard (saepipe.analyze.dashboard)
 
-`Report.open(dir).top_contexts(123)` gives latent 123's top contexts as text with the peak token marked.
+`Report.open(dir).top_contexts(123)` gives latent 123's top contexts as text with the peak token marked;
+`.explanation(123)` its explanation and scores.
 """
 
 from __future__ import annotations
@@ -33,12 +45,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
+from saepipe.analyze.explain import decode_key
+from saepipe.analyze.explanations import ExplanationTable, heldout_examples
 from saepipe.analyze.logits import LogitEffects
-from saepipe.analyze.ranking import RANKING_KEYS, classify, peak_tokens, rank
+from saepipe.analyze.ranking import RANKING_KEYS, classify, order, peak_tokens, scores, tied
+from saepipe.analyze.scoring import Scores
 from saepipe.analyze.stats import HIST_EDGES, WINDOW_AFTER, WINDOW_BEFORE, ContextSet, LatentStats
 from saepipe.errors import SaepipeError
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
+HELDOUT_SHOWN = 8
+"""Held-out active windows per latent kept in the report (for the dashboard)."""
+CONTEXT_SETS = ("top", "sample", "heldout")
 
 
 @dataclass(frozen=True)
@@ -73,16 +91,35 @@ def write_report(
     meta: dict[str, Any],
     rank_by: str,
     dense_threshold: float,
+    explanations: ExplanationTable | None = None,
+    lm: dict[str, Any] | None = None,
 ) -> Path:
-    """Write tables, arrays and vocab, then report.json last. `decode(ids) -> list[str]`."""
+    """Write tables, arrays and vocab, then report.json last. `decode(ids) -> list[str]`; `lm`: the
+    language-model explainer's columns (saepipe.analyze.lm_explainer.lm_columns), if it ran."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dead, dense = classify(stats, dense_threshold)
-    ranked = rank(stats, rank_by, dense_threshold)
+    key_scores = scores(stats, None if explanations is None else explanations.scores["score"])
+    ranked = order(key_scores[rank_by], dead, dense)
     L = len(stats.n_active)
     rank_col = np.full(L, -1, dtype=np.int64)
     rank_col[ranked] = np.arange(len(ranked))
     peaks = peak_tokens(stats)
+    heldout = heldout_examples(stats, HELDOUT_SHOWN)
+    pattern_arrays = explanations.pattern_arrays() if explanations is not None else {}
+    ids = np.unique(
+        np.concatenate(
+            [
+                stats.top.window_tokens.ravel(),
+                stats.samples.window_tokens.ravel(),
+                heldout.window_tokens.ravel(),
+            ]
+            + [effects.top_ids.ravel(), effects.bottom_ids.ravel()]
+            + [t.ravel() for t in decode_key(pattern_arrays.get("explanation_keys", np.zeros(0)))[1:]]
+        )
+    )
+    ids = [int(i) for i in ids if i >= 0]
+    vocab = dict(zip(ids, decode(ids)))
     columns: dict[str, Any] = {
         "latent": np.arange(L, dtype=np.int64),
         "n_active": stats.n_active.astype(np.int64),
@@ -92,15 +129,21 @@ def write_report(
         "max": stats.act_max.astype(np.float64),
         "dead": dead,
         "dense": dense,
-        **{f"score_{k}": fn(stats).astype(np.float64) for k, fn in RANKING_KEYS.items()},
+        **{f"score_{k}": v for k, v in key_scores.items()},
         "rank": rank_col,
         "peak_token": np.array([_mode(row[row >= 0]) for row in peaks], dtype=np.int64),
     }
+    if explanations is not None:
+        columns["explanation"] = explanations.texts(lambda t: vocab.get(t, f"<{t}>") if t >= 0 else "")
+        columns.update({k: v for k, v in explanations.scores.items() if k != "score"})
+    columns.update(lm or {})
     _atomic(out / "latents.parquet", lambda p: pq.write_table(pa.table(columns), p))
 
     arrays = {
         **_context_arrays("top", stats.top),
         **_context_arrays("sample", stats.samples),
+        **_context_arrays("heldout", heldout),
+        **pattern_arrays,
         "histogram": stats.histogram.astype(np.int64),
         "hist_edges": HIST_EDGES.astype(np.float64),
         "logit_top_ids": effects.top_ids,
@@ -112,23 +155,8 @@ def write_report(
         out / "arrays.safetensors",
         lambda p: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p),
     )
-
-    ids = np.unique(
-        np.concatenate(
-            [
-                a.ravel()
-                for a in (
-                    stats.top.window_tokens,
-                    stats.samples.window_tokens,
-                    effects.top_ids,
-                    effects.bottom_ids,
-                )
-            ]
-        )
-    )
-    ids = [int(i) for i in ids if i >= 0]
-    vocab = dict(zip((str(i) for i in ids), decode(ids)))
-    _atomic(out / "vocab.json", lambda p: Path(p).write_text(json.dumps(vocab, ensure_ascii=False)))
+    text = json.dumps({str(k): v for k, v in vocab.items()}, ensure_ascii=False)
+    _atomic(out / "vocab.json", lambda p: Path(p).write_text(text))
 
     full = {
         **meta,
@@ -139,7 +167,15 @@ def write_report(
         "window": {"before": WINDOW_BEFORE, "after": WINDOW_AFTER},
         "rank_by": rank_by,
         "dense_threshold": dense_threshold,
-        "ranking_keys": list(RANKING_KEYS),
+        "ranking_keys": RANKING_KEYS,
+        "ranking": {
+            "key": rank_by,
+            "ranked": len(ranked),
+            "tied": tied(key_scores[rank_by], ranked),
+            "unscored": int((~dead & ~dense & ~np.isfinite(key_scores[rank_by])).sum()),
+        },
+        "scores": Scores.names() if explanations is not None else [],
+        "lm_explainer": bool(lm),
         "n_dead": int(dead.sum()),
         "n_dense": int(dense.sum()),
     }
@@ -155,12 +191,17 @@ def _mode(x: np.ndarray) -> int:
 
 
 def _context_arrays(prefix: str, cs: ContextSet) -> dict[str, np.ndarray]:
+    """A context set with its window activations stored sparsely (most window tokens are exactly 0)."""
+    acts = cs.window_acts.astype(np.float32).ravel()
+    # slots outside a context (token -1) have no value (NaN) by definition; the others are kept unless 0
+    index = np.flatnonzero((acts != 0) & (cs.window_tokens.ravel() >= 0))
     return {
         f"{prefix}_values": cs.values.astype(np.float32),
         f"{prefix}_contexts": cs.contexts.astype(np.int64),
         f"{prefix}_positions": cs.positions.astype(np.int64),
         f"{prefix}_window_tokens": cs.window_tokens.astype(np.int32),
-        f"{prefix}_window_acts": cs.window_acts.astype(np.float32),
+        f"{prefix}_acts_index": index.astype(np.int64),
+        f"{prefix}_acts_value": acts[index],
     }
 
 
@@ -187,6 +228,7 @@ class Report:
         self.vocab: dict[int, str] = {
             int(k): v for k, v in json.loads((self.path / "vocab.json").read_text()).items()
         }
+        self._acts: dict[str, np.ndarray] = {}
 
     @classmethod
     def open(cls, path: str | Path) -> Report:
@@ -205,13 +247,53 @@ class Report:
         return {k: v[0] for k, v in self.table.slice(latent, 1).to_pydict().items()}
 
     def ranking(self, key: str | None = None) -> list[int]:
-        """Live, not ultra-dense latents best first by `key` (default: the report's rank_by)."""
+        """Live, not ultra-dense latents with a defined score, best first by `key` (default: rank_by)."""
         key = key or self.meta["rank_by"]
         if key not in RANKING_KEYS:
             raise SaepipeError(f"unknown ranking key {key!r}; choose one of {', '.join(RANKING_KEYS)}")
-        score = self.column(f"score_{key}")
-        ids = np.flatnonzero(~self.column("dead") & ~self.column("dense"))
-        return [int(i) for i in ids[np.lexsort((ids, -score[ids]))]]
+        if f"score_{key}" not in self.table.column_names:
+            raise SaepipeError(
+                f"report {self.path} has no {key} scores (an older saepipe wrote it); rerun analyze"
+            )
+        ids = order(self.column(f"score_{key}"), self.column("dead"), self.column("dense"))
+        return [int(i) for i in ids]
+
+    def window_acts(self, prefix: str) -> np.ndarray:
+        """[L, n, W] float32 activations of a context set's windows, rebuilt from the sparse arrays."""
+        if prefix not in self._acts and f"{prefix}_window_acts" in self.arrays:  # written before issue 14
+            self._acts[prefix] = self.arrays[f"{prefix}_window_acts"]
+        if prefix not in self._acts:
+            tokens = self.arrays[f"{prefix}_window_tokens"]
+            shape = tokens.shape
+            acts = np.where(tokens.ravel() >= 0, np.float32(0), np.float32(np.nan))
+            acts[self.arrays[f"{prefix}_acts_index"]] = self.arrays[f"{prefix}_acts_value"]
+            self._acts[prefix] = acts.reshape(shape)
+        return self._acts[prefix]
+
+    def explanation(self, latent: int) -> dict[str, Any]:
+        """{'explanation': text, 'patterns': [(n-gram, predicted, share, precision)] largest share first
+        (an n-gram with context as "context ▸ token"), and every score}."""
+        self._check(latent)
+        row = self.stats(latent)
+        out = {k: row[k] for k in ["explanation", *self.meta.get("scores", [])] if k in row}
+        keys = self.arrays.get("explanation_keys")
+        out["patterns"] = []
+        if keys is not None:
+            a = self.arrays
+            js = np.flatnonzero(keys[latent])
+            for j in js[np.argsort(-a["explanation_share"][latent, js], kind="stable")]:
+                m, *toks = (int(v) for v in decode_key(keys[latent, j]))
+                context = "".join(self.vocab.get(t, "") for t in reversed(toks[1 : m + 1]))
+                text = (context + " ▸ " if m else "") + self.vocab.get(toks[0], "")
+                out["patterns"].append(
+                    (
+                        text,
+                        float(a["explanation_predicted"][latent, j]),
+                        float(a["explanation_share"][latent, j]),
+                        float(a["explanation_precision"][latent, j]),
+                    )
+                )
+        return out
 
     @property
     def dead(self) -> list[int]:
@@ -230,6 +312,11 @@ class Report:
         smallest first (what the latent does when weakly active)."""
         all_ = self._contexts("sample", latent, None)
         return all_[: int(np.ceil(len(all_) * max_quantile))]
+
+    def heldout_contexts(self, latent: int) -> list[Context]:
+        """Held-out windows where the latent is active (a uniform sample; what its explanation is scored
+        on), in random order."""
+        return self._contexts("heldout", latent, None)
 
     def logit_effects(self, latent: int) -> dict[str, list[tuple[str, float]]]:
         """{'promoted': [(token, effect)], 'suppressed': [...]}, strongest first."""
@@ -266,7 +353,7 @@ class Report:
                     position=int(a[f"{prefix}_positions"][latent, j]),
                     tokens=[self.vocab[int(t)] for t in toks[keep]],
                     token_ids=[int(t) for t in toks[keep]],
-                    acts=[float(x) for x in a[f"{prefix}_window_acts"][latent, j][keep]],
+                    acts=[float(x) for x in self.window_acts(prefix)[latent, j][keep]],
                     peak=int(np.searchsorted(keep, WINDOW_BEFORE)),
                 )
             )

@@ -278,7 +278,7 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     bar.close()
     spliced = _spliced(cfg, store, paths, progress)
     points = [
-        point(p, s.cfg["architecture"], s.d_sae, r, k=s.cfg.get("k"), **spliced.get(p, {}))
+        point(p, s.architecture, s.d_sae, r, k=s.k, **spliced.get(p, {}))
         for s, p, r in zip(saes, paths, recon)
     ]
     levels = [

@@ -22,9 +22,11 @@ def latent_card(rep: Report, latent: int, n_contexts: int = 5) -> str:
     )
     promoted = ", ".join(html.escape(t) for t, _ in effects["promoted"][:5])
     suppressed = ", ".join(html.escape(t) for t, _ in effects["suppressed"][:5])
+    explanation = html.escape(str(s.get("explanation") or ""))
     return (
         f"<h3>Latent {latent}</h3><p>density {s['density']:.4g} · max {s['max']:.4g} · "
-        f"interpretability {s['score_interpretability']:.3f}</p>"
+        f"explanation score {s['score_explanation']:.3f} · "
+        f"interpretability {s['score_interpretability']:.3f}</p><p>{explanation}</p>"
         f"<p>promotes: {promoted}<br>suppresses: {suppressed}</p>{rows}"
     )
 

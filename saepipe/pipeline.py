@@ -10,7 +10,7 @@ it analyze, evaluate or score all of them. `extends: other` starts from another 
 a section set to null drops an inherited one.
 
 Every finished stage leaves a stamp in `<out>/.saepipe/<stage>.json`: its resolved config, a digest of
-its inputs and where its outputs are. A rerun skips a stage whose stamp matches, so changing `train`
+its inputs (for a harvest, the dataset's fingerprint too) and where its outputs are. A rerun skips a stage whose stamp matches, so changing `train`
 reuses the harvest; a stage whose settings or inputs changed is redone (its old outputs under `out` are
 removed first); `--force STAGE` redoes one regardless. Harvests land in the shared cache unless
 `harvest.out` is set, so pipelines that need the same store find it there.
@@ -303,6 +303,10 @@ class Runner:
         for stage in self.stages:
             configs = self.configs(stage, ctx)
             want = {"configs": [c.model_dump(mode="json") for _, c in configs], "inputs": _digest(ctx)}
+            if stage == "harvest":  # the text itself, not just the dataset's name: an edited corpus is redone
+                from saepipe.harvest.corpus import dataset_fingerprint
+
+                want["dataset"] = dataset_fingerprint(configs[0][1].dataset)
             stamp = self._read_stamp(stage)
             done = stamp is not None and stamp.get("status") == "done"
             fresh = done and stamp["want"] == want and _outputs_exist(stamp["outputs"])
@@ -317,6 +321,15 @@ class Runner:
                 print(f"[{stage}] up to date, skipped")
                 ctx = {**ctx, **stamp["outputs"]}
                 continue
+            # A harvest stamped before dataset fingerprints (issue 16): redoing it unasked could replace the
+            # later stages' outputs, trusting it could serve an edited corpus, so the user decides.
+            legacy = stage == "harvest" and done and "dataset" not in stamp["want"]
+            if legacy and stage not in self.cfg.force and not self.cfg.dry_run:
+                raise SaepipeError(
+                    f"{self.where(stage)}: its harvest was stamped before saepipe fingerprinted datasets, so "
+                    "whether the corpus changed since cannot be checked; rerun with --force harvest to harvest "
+                    "again (the stages after it are redone if the store changed)"
+                )
             if self.cfg.dry_run:
                 print(f"[{stage}] would run:")
                 for label, c in configs:

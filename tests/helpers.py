@@ -49,3 +49,17 @@ def chromium_missing() -> str | None:
     except ImportError:
         return "selenium is not installed (pip install -e .[dev])"
     return None
+
+
+def chromium_driver(profile_dir: Path):
+    """A headless Debian chromium under selenium (callers skip first on `chromium_missing()`)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"):  # fmt: skip
+        opts.add_argument(arg)
+    opts.add_argument(f"--user-data-dir={profile_dir}")
+    opts.binary_location = shutil.which("chromium")
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)

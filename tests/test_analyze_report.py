@@ -86,9 +86,16 @@ def test_report_tables_and_contexts(report_dir, tiny_store, tiny_model_dir, sae_
     np.testing.assert_allclose(rep.column("mean"), flat.mean(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(rep.column("max"), flat.max(0), rtol=1e-4, atol=1e-6)
     assert rep.dead == [0, 1, 2, 3] and rep.dense == [4]
+    assert sorted(rep.ranking("interpretability")) == list(range(5, D_SAE))
+    assert (np.diff(rep.column("score_interpretability")[rep.ranking("interpretability")]) <= 0).all()
+    # the default key ranks the latents it can score: those with 4 held-out (odd-context) active windows
     ranking = rep.ranking()
-    assert sorted(ranking) == list(range(5, D_SAE))
-    assert (np.diff(rep.column("score_interpretability")[ranking]) <= 0).all()
+    heldout = rep.column("heldout_active") >= 4
+    assert sorted(ranking) == [i for i in range(5, D_SAE) if heldout[i]]
+    assert (np.diff(rep.column("score_explanation")[ranking]) <= 0).all()
+    info = rep.meta["ranking"]
+    assert info["ranked"] == len(ranking) and info["unscored"] == D_SAE - 5 - len(ranking)
+    assert len(ranking) > D_SAE // 2
     assert rep.ranking("frequency")[0] == int(
         np.argmax(np.where(np.arange(D_SAE) > 4, (flat > 0).mean(0), -1))
     )
@@ -96,7 +103,9 @@ def test_report_tables_and_contexts(report_dir, tiny_store, tiny_model_dir, sae_
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokens = open_store(str(tiny_store)).tokens()
     P = Z.shape[1]
-    latent = ranking[0]
+    # the best-ranked latent whose top activations are distinct (layer-0 activations repeat with tokens)
+    distinct = lambda i: len(np.unique(np.sort(flat[:, i])[-TOP_K - 1 :])) == TOP_K + 1  # noqa: E731
+    latent = next(i for i in ranking if distinct(i))
     contexts = rep.top_contexts(latent)
     assert len(contexts) == TOP_K
     order = np.argsort(-flat[:, latent])[:TOP_K]
@@ -259,3 +268,75 @@ def test_analyze_reads_a_topk_sae_written_by_the_train_stage(tmp_path, tiny_stor
         kth = pre.topk(3, dim=1).values[:, -1:]
     n_active = ((pre >= kth) & (pre > 0)).sum(0).numpy()
     np.testing.assert_array_equal(Report.open(out).column("n_active"), n_active)
+
+
+def test_dashboard_shows_explanations_scores_and_sorts_by_any_score(browser, report_dir):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from saepipe.analyze.dashboard import _predicted
+
+    rep = Report.open(report_dir)
+    wait = WebDriverWait(browser, 20)
+    browser.get((report_dir / "index.html").as_uri())
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    info = rep.meta["ranking"]
+    assert browser.find_element(By.ID, "ties").text.endswith(
+        f"{info['ranked']} latents, {info['tied']} tied, {info['unscored']} unscored"
+    )
+    rows = browser.find_elements(By.CSS_SELECTOR, "#rows tr")
+    first = int(rows[0].get_attribute("data-latent"))
+    assert (
+        rows[0].find_element(By.CSS_SELECTOR, "td.expl").get_attribute("title")
+        == rep.stats(first)["explanation"]
+    )
+
+    # any score column sorts the list, by a header click or from the select
+    def shown_order():
+        return [
+            int(r.get_attribute("data-latent")) for r in browser.find_elements(By.CSS_SELECTOR, "#rows tr")
+        ]
+
+    for column, how in (
+        ("detection_auroc", "click"),
+        ("simulation", "select"),
+        ("heldout_inactive", "select"),
+    ):
+        if how == "click":
+            browser.find_element(By.CSS_SELECTOR, f"th[data-sort='{column}']").click()
+        else:
+            Select(browser.find_element(By.ID, "rankby")).select_by_value("col:" + column)
+        values = rep.column(column)
+        ids = [i for i in range(rep.n_latents) if np.isfinite(values[i])]
+        want = sorted(ids, key=lambda i: (-values[i], i))[:100]
+        wait.until(lambda d, want=want: shown_order() == want)
+        assert len(set(values[want].round(12))) > 3, f"{column}: sorting is vacuous"
+
+    latent = next(i for i in rep.ranking() if rep.heldout_contexts(i) and len(rep.explanation(i)["patterns"]))
+    browser.get((report_dir / "index.html").as_uri() + f"#latent/{latent}")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#heldout .ctx")) > 0)
+    e = rep.explanation(latent)
+    assert browser.find_element(By.ID, "explanation-text").text == e["explanation"]
+    for k in ("detection_auroc", "fuzzing_auroc", "simulation", "heldout_active"):
+        cell = browser.find_element(By.CSS_SELECTOR, f"#scores tr[data-score='{k}'] td").text
+        assert float(cell) == pytest.approx(float(e[k]), rel=1e-3), k
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#patterns tr")) == len(e["patterns"]) + 1
+
+    held = rep.heldout_contexts(latent)
+    shown = browser.find_elements(By.CSS_SELECTOR, "#heldout .ctx")
+    assert len(shown) == len(held)
+    tokens = rep.arrays["heldout_window_tokens"][latent, : len(held)]
+    predicted = _predicted(rep, latent, tokens)
+    coloured = 0
+    for j, (div, ctx, pred) in enumerate(zip(shown, held, predicted)):
+        spans = div.find_elements(By.CSS_SELECTOR, ".tok")
+        assert len(spans) == len(ctx.tokens)
+        slots = np.flatnonzero(pred != 0) - np.flatnonzero(tokens[j] >= 0)[0]  # spans skip outside slots
+        marked = [j for j, s in enumerate(spans) if s.get_attribute("data-pred")]
+        assert marked == sorted(slots.tolist())
+        for span, act in zip(spans, ctx.acts):
+            style = span.get_attribute("style") or ""
+            # every token with activity is coloured, not only the peak
+            assert ("background" in style) == (not np.isnan(act) and act > 0)
+            coloured += "background" in style
+    assert coloured > len(held), "no window had more than its peak token coloured"

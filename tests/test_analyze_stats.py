@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from saepipe.analyze.ranking import RANKING_KEYS, rank, token_concentration
+from saepipe.analyze.ranking import RANKING_KEYS, rank, scores, token_concentration
 from saepipe.analyze.stats import HIST_EDGES, WINDOW_AFTER, WINDOW_BEFORE, collect_stats
 from saepipe.harvest import open_store
 
@@ -134,11 +134,14 @@ def test_token_concentration_and_ranking(tiny_store, encoder):
     p = v / v.sum()
     assert score[11] == pytest.approx(np.exp((p * np.log(p)).sum()))
     assert score[:3].tolist() == [0, 0, 0]  # dead
+    expl = np.random.default_rng(0).random(N_LATENTS)
+    expl[20] = np.nan  # unscored: left out of that ranking only
     for key in RANKING_KEYS:
-        order = rank(stats, key, dense_threshold=0.4)
+        order = rank(stats, key, dense_threshold=0.4, explanation=expl)
         assert not {0, 1, 2, 3} & set(order.tolist())  # dead and ultra-dense are left out
-        s = RANKING_KEYS[key](stats)[order]
-        assert (np.diff(s) <= 0).all()
+        s = scores(stats, expl)[key][order]
+        assert (np.diff(s) <= 0).all() and np.isfinite(s).all()
+        assert (20 in order) == (key != "explanation")
 
 
 # The fast paths (saepipe.analyze.stats_fast) must give exactly the simple references' results.
@@ -175,7 +178,7 @@ def test_fast_stats_equal_simple_reference_bit_for_bit(tiny_store, encoder, monk
 def test_slotted_topk_equals_running_topk_with_ties():
     """Many updates of quantised keys (ties everywhere): same kept entries, same order, same windows."""
     from saepipe.analyze.stats import RunningTopK, ranked_context_set
-    from saepipe.analyze.stats_fast import SlottedTopK
+    from saepipe.analyze.stats_fast import DenseCodes, SlottedTopK
 
     g = torch.Generator().manual_seed(1)
     L, k, C, T = 45, 6, 3, 24  # L not a multiple of the block size; windows cross context edges
@@ -202,7 +205,10 @@ def test_slotted_topk_equals_running_topk_with_ties():
         enter = keys > thr
         n_before = int((ref.contexts >= 0).sum())
         ref.update(rows[enter], lat[enter], keys[enter], z, tokens, 10 * step)
-        fast.update(rows[enter], lat[enter], keys[enter], z, tokens, 10 * step)
+        vals = z.view(-1, L)[rows, lat]
+        fast.update(
+            rows[enter], lat[enter], keys[enter], vals[enter], DenseCodes(z.view(-1, L), P), tokens, 10 * step
+        )
         n_new = int((ref.contexts >= 10 * step).sum())
         evicted += n_before + n_new - int((ref.contexts >= 0).sum())
         r, f = ref.ranked(), fast.ranked()
@@ -237,3 +243,75 @@ def test_active_entries_equal_nonzero(L):
         got, want = active_entries(m), torch.nonzero(m > 0, as_tuple=True)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), name
     assert len(want[0]) == 0 and len(active_entries(nan)[0]) > L  # the last case is empty, the others not
+
+
+def sparse_encode_with(W: torch.Tensor, b: torch.Tensor):
+    """The same relu encoder returning a SparseCode, as `SAE.encode_sparse` does."""
+    from saepipe.train.saes import SparseCode
+
+    def enc(x):
+        z = encode_with(W, b, torch.float32)(x)
+        rows, lat = torch.nonzero(z > 0, as_tuple=True)
+        return SparseCode(rows, lat, z[rows, lat], len(x))
+
+    return enc
+
+
+def test_sparse_codes_give_the_dense_reference_results(tiny_store, encoder):
+    """Fast path fed sparse codes == simple reference fed dense codes: every field, reservoir and pool."""
+    store = open_store(str(tiny_store))
+    W, b = encoder
+    kw = dict(batch_tokens=70, seed=3, progress=False, reservoir=3 * SAMPLES, pool_contexts=10)
+    common = (store, HOOK)
+    rest = (N_LATENTS, K, SAMPLES, torch.device("cpu"))
+    fast = collect_stats(*common, sparse_encode_with(W, b), *rest, simple=False, **kw)
+    simple = collect_stats(*common, encode_with(W, b, torch.float32), *rest, simple=True, **kw)
+    dense_fast = collect_stats(*common, encode_with(W, b, torch.float32), *rest, simple=False, **kw)
+    for name in ("n_active", "act_sum", "act_max", "histogram"):
+        assert_identical(getattr(fast, name), getattr(simple, name), name)
+    for part in ("top", "samples", "reservoir"):
+        for field in ("values", "contexts", "positions", "window_tokens", "window_acts"):
+            ref = getattr(getattr(simple, part), field)
+            # values equal (a sparse lookup's 0.0 may be a dense code's -0.0), NaN where NaN
+            np.testing.assert_array_equal(getattr(getattr(fast, part), field), ref, f"{part}.{field}")
+            np.testing.assert_array_equal(getattr(getattr(dense_fast, part), field), ref, f"{part}.{field}")
+    for field in ("contexts", "context", "position", "latent", "value"):
+        assert_identical(getattr(fast.pool, field), getattr(simple.pool, field), f"pool.{field}")
+
+    # the dashboard's samples are the first part of the reservoir (the same uniform draw)
+    for lat in range(N_LATENTS):
+        first = set(zip(fast.reservoir.contexts[lat, :SAMPLES], fast.reservoir.positions[lat, :SAMPLES]))
+        shown = set(zip(fast.samples.contexts[lat], fast.samples.positions[lat]))
+        assert first == shown
+    # the pool holds every active entry of its contexts, and nothing else
+    Z = encode_with(W, b, torch.float64)(torch.from_numpy(store.activations(HOOK)[:, 1:]).double()).numpy()
+    pool = fast.pool
+    assert len(pool.contexts) == 10 and (pool.contexts % 2 == 0).sum() == 5  # as many even as odd
+    c, p, lat = np.nonzero(Z[pool.contexts] > 0)
+    want = sorted(zip(pool.contexts[c].tolist(), (p + 1).tolist(), lat.tolist()))
+    got = sorted(zip(pool.context.tolist(), pool.position.tolist(), pool.latent.tolist()))
+    assert got == want and len(got) > 100
+    ref = Z[pool.context, pool.position - 1, pool.latent]
+    np.testing.assert_allclose(pool.value, ref, rtol=1e-4, atol=1e-6 * Z.max())
+
+
+def test_sparse_code_windows_equal_dense_lookups():
+    """SparseCodes.windows (two searches per window) == DenseCodes.windows (one lookup per slot) on every
+    slot inside the context, windows at both context edges included."""
+    from saepipe.analyze.stats_fast import DenseCodes, SparseCodes
+
+    g = torch.Generator().manual_seed(5)
+    C, P, L = 6, 23, 40
+    z = torch.rand(C * P, L, generator=g)
+    z[torch.rand(C * P, L, generator=g) < 0.85] = 0.0
+    rows, lat = torch.nonzero(z > 0, as_tuple=True)
+    dense, sparse = DenseCodes(z, P), SparseCodes(rows, lat, z[rows, lat], P, L, C * P)
+    q_rows = torch.randint(0, C * P, (500,), generator=g)
+    q_rows[:20] = torch.arange(20) % C * P  # first position of a context
+    q_rows[20:40] = torch.arange(20) % C * P + P - 1  # last position
+    q_lat = torch.randint(0, L, (500,), generator=g)
+    d, s = dense.windows(q_rows, q_lat, 15, 4), sparse.windows(q_rows, q_lat, 15, 4)
+    inside = (q_rows % P)[:, None] + torch.arange(-15, 5)
+    inside = (inside >= 0) & (inside < P)
+    assert torch.equal(d[inside], s[inside])
+    assert (s[~inside] == 0).all() and (s[inside] > 0).sum() > 500  # not vacuous

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from saepipe.cli import main
+from saepipe.errors import SaepipeError
 from saepipe.harvest import open_store
-from saepipe.harvest.cache import list_entries
+from saepipe.harvest.cache import list_entries, store_key
 from saepipe.harvest.config import HarvestConfig
 from saepipe.harvest.harvester import harvest
 
@@ -40,7 +42,8 @@ def test_cache_serves_smaller_requests_and_keys_differ(tmp_path, tiny_model_dir,
     small = harvest(_cfg(_argv(tiny_model_dir, small_corpus, root, tokens=8 * 32)), progress=False)
     assert small.already_complete and small.path == big.path  # more tokens serve a request for fewer
     other = harvest(
-        _cfg([*_argv(tiny_model_dir, small_corpus, root, tokens=8 * 32), "--seed", "1"]), progress=False
+        _cfg([*_argv(tiny_model_dir, small_corpus, root, tokens=8 * 32), "--chunks-per-shard", "1"]),
+        progress=False,
     )
     assert other.path != big.path and other.n_contexts == 8
 
@@ -124,3 +127,67 @@ def test_cache_commands(tmp_path, tiny_model_dir, small_corpus, capsys):
     assert main(["cache", "rm", name, "--cache", root]) == 0
     assert main(["cache", "ls", "--cache", root]) == 0
     assert "no stores cached" in capsys.readouterr().out
+
+
+def _digest(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+def _edit_start(corpus: Path) -> None:
+    """Upper-case the start of the first file: the same size, other text, other first contexts."""
+    first = sorted(corpus.glob("*.txt"))[0]
+    text = first.read_bytes()
+    first.write_bytes(text[:4000].upper() + text[4000:])
+
+
+def test_an_edited_corpus_gets_a_new_store(tmp_path, tiny_model_dir, small_corpus):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    argv = _argv(tiny_model_dir, corpus, str(tmp_path / "cache"), tokens=8 * 32)
+    first = harvest(_cfg(argv), progress=False)
+    again = harvest(_cfg(argv), progress=False)
+    assert again.already_complete and again.path == first.path  # the same text is served from the cache
+    before = _digest(Path(first.path))
+
+    _edit_start(corpus)
+    edited = harvest(_cfg(argv), progress=False)
+    assert not edited.already_complete and edited.path != first.path
+    old, new = open_store(first.path), open_store(edited.path)
+    assert not np.array_equal(old.tokens(), new.tokens())  # harvested from the new text
+    assert old.settings["dataset"]["fingerprint"] != new.settings["dataset"]["fingerprint"]
+    assert _digest(Path(first.path)) == before  # the old store is kept as it was
+    with pytest.raises(SaepipeError, match="other text than dataset"):  # and not resumed from the new text
+        harvest(_cfg([*argv, "--out", first.path]), progress=False)
+    assert _digest(Path(first.path)) == before
+
+
+def test_a_store_without_a_dataset_fingerprint_still_reads_but_is_never_reused(
+    tmp_path, tiny_model_dir, small_corpus, capsys
+):
+    root = tmp_path / "cache"
+    argv = _argv(tiny_model_dir, small_corpus, str(root), tokens=8 * 32)
+    made = Path(harvest(_cfg(argv), progress=False).path)
+    # Make it exactly what saepipe wrote before the fingerprint: settings without it, with a seed, at the
+    # cache key those settings hash to.
+    meta_path = made / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    settings = meta["attributes"]["saepipe"]["settings"]
+    del settings["dataset"]["fingerprint"]
+    settings["seed"] = 0
+    meta_path.write_text(json.dumps(meta))
+    legacy = root / "stores" / f"{store_key(settings)}-8"
+    made.rename(legacy)
+    before = _digest(legacy)
+
+    store = open_store(str(legacy))  # reads as before
+    assert store.n_contexts == 8 and store.tokens().shape == (8, 32)
+    again = harvest(_cfg(argv), progress=False)
+    assert again.path != str(legacy) and not again.already_complete  # never served: harvested anew
+    assert main([*argv, "--out", str(legacy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "written before saepipe recorded dataset fingerprints" in err and len(err.splitlines()) == 1, err
+    assert _digest(legacy) == before
+    assert {e.url for e in list_entries(str(root))} == {str(legacy), again.path}  # both listed

@@ -38,74 +38,149 @@ def _stamp(tmp_path: Path, stage: str) -> dict:
     return json.loads((tmp_path / "runs" / "tiny" / ".saepipe" / f"{stage}.json").read_text())
 
 
-def test_run_skip_change_force_only(tmp_path, tiny_pipeline, capsys):
+def _written(tmp_path: Path) -> dict[str, int]:
+    """When each stage stamp and each output file was last written (a skipped stage writes neither)."""
+    run = tmp_path / "runs" / "tiny"
+    paths = {s: run / ".saepipe" / f"{s}.json" for s in ("harvest", "train", "analyze")}
+    paths["weights"] = run / "train" / "topk-w64-k4" / "sae_weights.safetensors"
+    paths["report"] = run / "analyze" / "topk-w64-k4" / "report.json"
+    return {name: p.stat().st_mtime_ns for name, p in paths.items()}
+
+
+def _redone(before: dict[str, int], after: dict[str, int]) -> set[str]:
+    return {name for name in before if after[name] != before[name]}
+
+
+def test_run_skip_change_force_only(tmp_path, tiny_pipeline):
+    from saepipe.harvest import open_store
+
     config = _write(tmp_path, tiny_pipeline)
     assert main(["run", "tiny", "--config", config]) == 0
-    out = capsys.readouterr().out
-    assert "harvested 1,024 tokens" in out and "pipeline 'tiny' done" in out
-    sae = tmp_path / "runs" / "tiny" / "train" / "topk-w64-k4"
-    assert (sae / "sae_weights.safetensors").exists() and (sae / "cfg.json").exists()
-    report = tmp_path / "runs" / "tiny" / "analyze" / "topk-w64-k4"
-    assert (report / "report.json").exists()
-    first = {s: _stamp(tmp_path, s) for s in ("harvest", "train", "analyze")}
+    stamps = {s: _stamp(tmp_path, s) for s in ("harvest", "train", "analyze")}
+    assert all(stamp["status"] == "done" for stamp in stamps.values())
+    store = open_store(stamps["harvest"]["outputs"]["store"])
+    assert store.n_contexts == 32 and store.path.startswith(str(tmp_path / "cache"))
+    sae = Path(stamps["train"]["outputs"]["sae_dirs"]["topk-w64-k4"])
+    assert sae == tmp_path / "runs" / "tiny" / "train" / "topk-w64-k4" and (sae / "cfg.json").exists()
+    report = json.loads((tmp_path / "runs" / "tiny" / "analyze" / "topk-w64-k4" / "report.json").read_text())
+    assert report["n_tokens"] == 32 * 31
+    written = _written(tmp_path)
 
-    assert main(["run", "tiny", "--config", config]) == 0  # nothing changed: everything skipped
-    out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 3 and "harvested" not in out and "trained" not in out
+    assert main(["run", "tiny", "--config", config]) == 0  # nothing changed: nothing is redone
+    assert _redone(written, _written(tmp_path)) == set()
+    assert {s: _stamp(tmp_path, s) for s in stamps} == stamps
 
     assert main(["run", "tiny", "--config", config, "--set", "train.lr=0.001"]) == 0  # train changed
-    out = capsys.readouterr().out
-    assert "[harvest] up to date, skipped" in out and "[train] settings or inputs changed" in out
-    assert "trained 1 SAE" in out and "analyzed" in out  # analyze redone: its input (the SAE) changed
-    assert _stamp(tmp_path, "harvest") == first["harvest"]
+    now = _written(tmp_path)
+    # analyze is redone too: its input (the SAE) changed
+    assert _redone(written, now) == {"train", "weights", "analyze", "report"}
+    assert _stamp(tmp_path, "harvest") == stamps["harvest"]
     assert _stamp(tmp_path, "train")["want"]["configs"][0]["lr"] == 0.001
+    assert _stamp(tmp_path, "train")["outputs"]["digest"] != stamps["train"]["outputs"]["digest"]
+    assert _stamp(tmp_path, "analyze")["want"]["inputs"] != stamps["analyze"]["want"]["inputs"]
 
+    written = now
     assert main(["run", "tiny", "--config", config, "--set", "train.lr=0.001", "--force", "analyze"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("up to date, skipped") == 2 and "analyzed" in out
+    now = _written(tmp_path)
+    assert _redone(written, now) == {"analyze", "report"}
 
-    assert (
-        main(
-            [
-                "run",
-                "tiny",
-                "--config",
-                config,
-                "--set",
-                "train.lr=0.001",
-                "--only",
-                "analyze",
-                "--force",
-                "analyze",
-            ]
-        )
-        == 0
-    )
-    out = capsys.readouterr().out
-    assert "analyzed" in out and "harvest" not in out and "trained" not in out
+    written = now
+    argv = ["--set", "train.lr=0.001", "--only", "analyze", "--force", "analyze"]
+    assert main(["run", "tiny", "--config", config, *argv]) == 0
+    assert _redone(written, _written(tmp_path)) == {"analyze", "report"}
 
 
-def test_killed_stage_resumes_on_rerun(tmp_path, tiny_pipeline, capsys):
+def test_an_edited_corpus_is_harvested_again(tmp_path, tiny_pipeline, small_corpus):
+    """The harvest stamp holds the dataset's fingerprint: edit the corpus and the rerun harvests a new
+    store (the old one stays in the cache untouched) and trains on it."""
+    import shutil
+
+    import numpy as np
+
+    from saepipe.harvest import open_store
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    tiny_pipeline["tiny"]["harvest"]["dataset"] = str(corpus)
+    del tiny_pipeline["tiny"]["analyze"]
+    config = _write(tmp_path, tiny_pipeline)
+    assert main(["run", "tiny", "--config", config]) == 0
+    old = _stamp(tmp_path, "harvest")
+    old_store = old["outputs"]["store"]
+    old_meta = open_store(old_store).meta
+
+    first = sorted(corpus.glob("*.txt"))[0]
+    text = first.read_bytes()
+    first.write_bytes(text[:4000].upper() + text[4000:])  # same size, other text
+    assert main(["run", "tiny", "--config", config]) == 0
+    new_store = _stamp(tmp_path, "harvest")["outputs"]["store"]
+    assert new_store != old_store and _stamp(tmp_path, "harvest")["want"]["dataset"] != old["want"]["dataset"]
+    assert not np.array_equal(open_store(new_store).tokens(), open_store(old_store).tokens())
+    assert open_store(old_store).meta == old_meta  # kept as it was
+    cfg = json.loads((tmp_path / "runs" / "tiny" / "train" / "topk-w64-k4" / "cfg.json").read_text())
+    assert cfg["saepipe"]["store"][0]["path"] == new_store  # and the SAE was retrained on the new store
+
+
+def test_a_harvest_stamped_before_fingerprints_is_redone_only_when_asked(tmp_path, tiny_pipeline, capsys):
+    """A pipeline finished by an older saepipe (its harvest stamp holds no dataset fingerprint) is neither
+    trusted nor silently redone (which would replace its trained SAEs): one line asks for --force harvest."""
+    del tiny_pipeline["tiny"]["analyze"]
+    config = _write(tmp_path, tiny_pipeline)
+    assert main(["run", "tiny", "--config", config]) == 0
+    path = tmp_path / "runs" / "tiny" / ".saepipe" / "harvest.json"
+    old = json.loads(path.read_text())
+    del old["want"]["dataset"]
+    old["want"]["configs"][0]["seed"] = 0
+    path.write_text(json.dumps(old))
+    train = tmp_path / "runs" / "tiny" / "train"
+    before = {p: p.read_bytes() for p in train.rglob("*") if p.is_file() and "wandb" not in p.parts}
+    capsys.readouterr()
+
+    assert main(["run", "tiny", "--config", config]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--force harvest" in err and len(err.splitlines()) == 1, err
+    assert json.loads(path.read_text()) == old
+    assert {p: p.read_bytes() for p in train.rglob("*") if p.is_file() and "wandb" not in p.parts} == before
+
+    assert main(["run", "tiny", "--config", config, "--force", "harvest"]) == 0
+    assert "dataset" in _stamp(tmp_path, "harvest")["want"]
+    # the same text gives the same store, so the trained SAEs stay as they were
+    assert _stamp(tmp_path, "harvest")["outputs"]["store"] == old["outputs"]["store"]
+    assert {p: p.read_bytes() for p in train.rglob("*") if p.is_file() and "wandb" not in p.parts} == before
+
+
+def test_killed_stage_resumes_on_rerun(tmp_path, tiny_pipeline):
     """A stage killed mid-run (its stamp says running) is resumed by the rerun, not wiped and restarted."""
     import subprocess
     import sys
     import time
 
+    from saepipe.train import checkpoint
+
     tiny_pipeline["tiny"]["train"].update(tokens=65536, checkpoint_every=4)
     config = _write(tmp_path, tiny_pipeline)
     proc = subprocess.Popen([sys.executable, "-m", "saepipe", "run", "tiny", "--config", config],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpt = tmp_path / "runs" / "tiny" / "train" / "checkpoint"
-    deadline = time.monotonic() + 180
+    train = tmp_path / "runs" / "tiny" / "train"
+    ckpt = train / "checkpoint"
+    # a guard only: a loaded machine can take minutes to reach the first checkpoint
+    deadline = time.monotonic() + 900
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.kill()
     proc.wait()
     assert _stamp(tmp_path, "train")["status"] == "running", "the run ended before it could be killed"
+    harvest_stamp = (tmp_path / "runs" / "tiny" / ".saepipe" / "harvest.json").stat().st_mtime_ns
+    assert checkpoint.exists(train)  # (a kill between its two renames leaves checkpoint.old: recovered here)
+    killed_at = checkpoint.read_state(train)["step"]
+    (train / "left-by-the-killed-run").write_text("a wipe-and-restart would remove this")
     assert main(["run", "tiny", "--config", config]) == 0
-    out = capsys.readouterr().out
-    assert "[harvest] up to date, skipped" in out and "resum" in out.lower()
+    assert (tmp_path / "runs" / "tiny" / ".saepipe" / "harvest.json").stat().st_mtime_ns == harvest_stamp
     assert _stamp(tmp_path, "train")["status"] == "done"
+    assert (train / "left-by-the-killed-run").exists()  # the train dir was resumed in place, not wiped
+    state = checkpoint.read_state(train)
+    assert 0 < killed_at < state["step"] == 65536 // 256 and state.get("complete")
+    assert (train / "topk-w64-k4" / "sae_weights.safetensors").exists()
 
 
 def test_dry_run_runs_nothing(tmp_path, tiny_pipeline, capsys):

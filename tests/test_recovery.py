@@ -14,8 +14,10 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from helpers import chromium_driver, chromium_missing
 from safetensors.numpy import save_file
 
+from saepipe.analyze.absorption_page import write_absorption_page
 from saepipe.analyze.recovery import (
     RecoveryAccumulator,
     Thresholds,
@@ -300,3 +302,31 @@ def _assert_close(a, b):
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-9)
     else:
         assert a == b
+
+
+def test_absorption_page_links_lost_parents_to_their_takers(tmp_path):
+    """The page beside a recovery report, in a real browser: the absorbed parent's row links to the latent
+    that took its place, whose entry names that parent back."""
+    reason = chromium_missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+
+    directions, parent, pres = _hierarchy_world(np.random.default_rng(5))
+    latents = pres * 1.0
+    latents[pres[:, 1], 0] = 0  # latent 1 (child 1's) fires where the parent's latent 0 is silent
+    decoder = directions.copy()
+    decoder[1] = directions[0] + directions[1]
+    rep = recovery_metrics(directions, pres.mean(0), parent, decoder, sp.csr_matrix(pres * 1.0), latents)
+    page = write_absorption_page(json.loads(json.dumps(asdict(rep))), tmp_path / "rec.json", "toy")
+    driver = chromium_driver(tmp_path / "profile")
+    try:
+        driver.get(page.as_uri())
+        row = driver.find_element(By.ID, "parent-0")
+        assert f"{rep.absorption_rate:.3f}" in row.text
+        row.find_element(By.LINK_TEXT, "latent 1").click()
+        assert driver.current_url.endswith("#latent-1")
+        taker = driver.find_element(By.ID, "latent-1")
+        assert "feature 0" in taker.text and taker.is_displayed()
+    finally:
+        driver.quit()

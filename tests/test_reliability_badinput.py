@@ -44,6 +44,7 @@ class World:
     synth: Path  # a synthetic set (d_model 16) with its own finished run synth_run/topk-w32-k4
     newer: Path  # a store whose metadata says schema version 99
     incomplete: Path  # a store with its commit count cut back and complete=false
+    narrow: Path  # a store holding HOOK like `store`, but with d_model 16 (not 64)
 
     @property
     def sae(self) -> Path:
@@ -53,8 +54,36 @@ class World:
     def synth_sae(self) -> Path:
         return self.root / "synth_run" / "topk-w32-k4"
 
+    @property
+    def narrow_sae(self) -> Path:
+        """An SAE with d_in 16 whose cfg.json names HOOK, which `store` holds: only d_model tells them apart."""
+        return self.root / "narrow_run" / "topk-w32-k4"
+
     def guarded(self) -> list[Path]:
-        return [self.store, self.run, self.synth, self.root / "synth_run", self.newer, self.incomplete]
+        return [self.store, self.run, self.synth, self.root / "synth_run", self.newer, self.incomplete,
+                self.narrow, self.root / "narrow_run"]  # fmt: skip
+
+
+def _narrow_store(path: Path) -> Path:
+    """A real store of hook HOOK with d_model 16, written through the store's own writer."""
+    import numpy as np
+
+    from saepipe.harvest.store import StoreWriter
+
+    settings = {
+        "model": {"name": "hand", "fingerprint": "hand", "d_model": 16, "n_layers": 2, "dtype": "float32"},
+        "tokenizer": {"name": "none", "vocab_size": 5, "bos_token_id": None, "eos_token_id": None},
+        "dataset": {"name": "hand", "config": None, "split": "train", "text_column": None},
+        "hooks": [HOOK], "context_size": 16, "prepend_bos": False, "dtype": "float32", "compression": "none",
+        "contexts_per_chunk": 4, "chunks_per_shard": 2, "batch_size": 8, "n_contexts_target": 32,
+    }  # fmt: skip
+    writer = StoreWriter(str(path), settings)
+    rng = np.random.default_rng(0)
+    for start in range(0, 32, 8):
+        acts = rng.normal(size=(8, 16, 16)).astype(np.float32)
+        writer.write_shard(start, np.zeros((8, 16), np.int32), {HOOK: acts}, first_pos=0)
+    writer.finish()
+    return path
 
 
 def _edit_meta(store: Path, **changes) -> None:
@@ -83,7 +112,17 @@ def world(tmp_path_factory, tiny_store, tiny_model_dir, small_corpus) -> World:
     incomplete = root / "incomplete"
     shutil.copytree(tiny_store, incomplete)
     _edit_meta(incomplete, n_contexts=8, complete=False)
-    return World(root, tiny_model_dir, small_corpus, store, root / "run", root / "synth", newer, incomplete)
+    narrow = _narrow_store(root / "narrow")
+    assert main(["train", "--store", str(narrow), "--hook", HOOK, "--width", "32", "--k", "4",
+                 "--tokens", str(64 * 5), "--out", str(root / "narrow_run"), *common]) == 0  # fmt: skip
+    w = World(
+        root, tiny_model_dir, small_corpus, store, root / "run", root / "synth", newer, incomplete, narrow
+    )
+    # The d_model cases are meaningful only if the hook matches and d_model alone differs.
+    narrow_cfg = json.loads((w.narrow_sae / "cfg.json").read_text())
+    assert narrow_cfg["hook_name"] == HOOK and narrow_cfg["d_in"] == 16
+    assert HOOK in json.loads((store / "zarr.json").read_text())["attributes"]["saepipe"]["settings"]["hooks"]
+    return w
 
 
 def _harvest(w: World, out: str = "{new}", **over: str) -> list[str]:
@@ -218,7 +257,7 @@ CASES: list[tuple[str, object, list[str]]] = [
     ("train-negative-lr", lambda w: _train(w, **{"--lr": "-0.001"}), ["--lr"]),
     ("train-lr-warmup-2", lambda w: _train(w, **{"--lr-warmup": "2"}), ["--lr-warmup"]),
     ("train-batch-0", lambda w: _train(w, **{"--batch-size": "0"}), ["--batch-size"]),
-    ("train-stores-disagree-d-model", lambda w: [*_train(w), "--store", str(w.synth / "store")], ["no hook"]),
+    ("train-stores-disagree-d-model", lambda w: [*_train(w), "--store", str(w.narrow)], ["disagree on d_model", "has 64", "has 16"]),
     ("train-out-is-file", lambda w: _train(w, **{"--out": "{file}"}), ["{file}"]),
     ("train-out-unwritable", lambda w: _train(w, **{"--out": "/proc/saepipe-run"}), ["/proc/saepipe-run"]),
     ("train-resume-other-settings", lambda w: _train(w, **{"--out": str(w.run), "--width": "128", "--k": "8", "--lr": "0.1"}), ["--no-resume"]),
@@ -226,13 +265,15 @@ CASES: list[tuple[str, object, list[str]]] = [
     ("train-missing-hook-flag", lambda w: _train(w, **{"--hook": "DROP"}), ["--hook", "required"]),
     ("train-lr-not-float", lambda w: _train(w, **{"--lr": "fast"}), ["--lr", "fast"]),
     ("train-unknown-wandb-mode", lambda w: _train(w, **{"--wandb": "cloud"}), ["--wandb", "cloud"]),
+    ("train-eval-every-0", lambda w: _train(w, **{"--eval-every": "0"}), ["--eval-every"]),
+    ("train-eval-every-synthetic", lambda w: _train(w, **{"--store": str(w.synth / "store"), "--hook": "synthetic", "--eval-every": "2"}), ["synthetic", "--eval-every"]),
     # --- analyze
     ("analyze-missing-sae", lambda w: _analyze(w, **{"--sae": "{new}/nosae"}), ["no such directory"]),
     ("analyze-sae-is-store", lambda w: _analyze(w, **{"--sae": str(w.store)}), ["not an SAE dir"]),
     *[
         (f"analyze-sae-{kind}", functools.partial(_analyze_damaged, kind=kind), ["{bad}"]) for kind in SAE_DAMAGE
     ],
-    ("analyze-d-model-mismatch", lambda w: _analyze(w, **{"--sae": str(w.synth_sae)}), ["no hook"]),
+    ("analyze-d-model-mismatch", lambda w: _analyze(w, **{"--sae": str(w.narrow_sae)}), ["d_in=16", "d_model=64"]),
     ("analyze-d-model-mismatch-hook", lambda w: _analyze(w, **{"--sae": str(w.synth_sae), "--hook": HOOK}), ["d_in=16", "d_model=64"]),
     ("analyze-synthetic-store", lambda w: _analyze(w, **{"--sae": str(w.synth_sae), "--store": "DROP"}), ["synthetic", "saepipe recovery"]),
     ("analyze-store-newer-schema", lambda w: _analyze(w, **{"--store": str(w.newer)}), ["schema version 99"]),
@@ -245,7 +286,7 @@ CASES: list[tuple[str, object, list[str]]] = [
     ("evaluate-missing-sae", lambda w: _evaluate(w, **{"--sae": "{new}/nosae"}), ["no such directory"]),
     ("evaluate-contexts-0", lambda w: _evaluate(w, **{"--contexts": "0"}), ["--contexts"]),
     ("evaluate-sae-truncated", lambda w: _evaluate(w, **{"--sae": "{bad:truncated}"}), ["{bad}"]),
-    ("evaluate-d-model-mismatch", lambda w: _evaluate(w, **{"--sae": str(w.synth_sae)}), ["no hook"]),
+    ("evaluate-d-model-mismatch", lambda w: _evaluate(w, **{"--sae": str(w.narrow_sae)}), ["d_in=16", "d_model=64"]),
     ("evaluate-synthetic-store", lambda w: _evaluate(w, **{"--sae": str(w.synth_sae), "--store": "DROP"}), ["synthetic activations", "saepipe recovery"]),
     ("evaluate-empty-dataset", lambda w: _evaluate(w, **{"--dataset": "{empty}"}), ["{empty}"]),
     # --- synth
@@ -337,10 +378,6 @@ def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path, capsys, argv
     _check(code, err, words)
     assert {p: tree_digest(p) for p in world.guarded()} == before
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").rglob("*.safetensors"))
-
-
-def test_matrix_is_large_enough():
-    assert len(CASES) >= 40, len(CASES)
 
 
 @pytest.mark.parametrize(

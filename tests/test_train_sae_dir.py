@@ -22,14 +22,15 @@ def reference_encode(path, x: np.ndarray) -> np.ndarray:
     t = load_file(str(path / "sae_weights.safetensors"))
     cfg = json.loads((path / "cfg.json").read_text())
     pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
-    arch = cfg["architecture"]
+    arch = cfg["saepipe"]["architecture"] if "architecture" in cfg["saepipe"] else cfg["architecture"]
+    k = cfg["saepipe"].get("k", cfg.get("k"))
     if arch == "relu":
         return np.maximum(pre, 0)
     if arch == "topk":
         act = np.maximum(pre, 0)
         out = np.zeros_like(act)
         for i, row in enumerate(act):
-            keep = np.argsort(-row, kind="stable")[: cfg["k"]]
+            keep = np.argsort(-row, kind="stable")[:k]
             out[i, keep] = row[keep]
         return out
     assert arch in ("jumprelu", "batchtopk", "matryoshka")
@@ -56,9 +57,14 @@ def test_loaded_sae_matches_independent_reimplementation(arch, tmp_path):
     )
     loaded = load_sae(out)
     cfg = loaded.cfg
-    assert cfg["architecture"] == arch and cfg["d_in"] == 12 and cfg["d_sae"] == 40
+    assert cfg["saepipe"]["architecture"] == arch and cfg["d_in"] == 12 and cfg["d_sae"] == 40
+    assert cfg["architecture"] == {"relu": "standard", "topk": "topk"}.get(
+        arch, "jumprelu"
+    )  # SAELens's names
     assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["apply_b_dec_to_input"] is True
-    assert ("k" in cfg) == (arch in ("topk", "batchtopk", "matryoshka"))
+    assert cfg["metadata"]["hook_name"] == cfg["hook_name"] and cfg["hook_layer"] == 1
+    assert ("k" in cfg["saepipe"]) == (arch in ("topk", "batchtopk", "matryoshka"))
+    assert ("k" in cfg) == (arch == "topk")
     tensors = load_file(str(out / "sae_weights.safetensors"))
     assert {k: v.shape for k, v in tensors.items()} == {
         "W_enc": (12, 40),
@@ -88,3 +94,51 @@ def test_loaded_sae_matches_independent_reimplementation(arch, tmp_path):
 def test_load_refuses_a_non_sae_dir(tmp_path):
     with pytest.raises(SaepipeError, match="not an SAE dir"):
         load_sae(tmp_path)
+
+
+def as_format_1(path) -> None:
+    """Rewrite a dir's cfg.json as saepipe wrote it before SAELens interop (format version 1)."""
+    cfg = json.loads((path / "cfg.json").read_text())
+    own = cfg["saepipe"]
+    arch, hparams = own.pop("architecture"), dict(own["hparams"])
+    old = {"architecture": arch, "d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "hook_name": cfg["hook_name"],
+           "model_name": cfg["model_name"], "dtype": "float32"}  # fmt: skip
+    if "k" in own:
+        old["k"] = own.pop("k")
+    if arch == "matryoshka":
+        old["matryoshka_prefixes"] = hparams.pop("prefixes")
+    old.update(apply_b_dec_to_input=True, normalize_activations="none")
+    old["saepipe"] = {**own, "format_version": 1, "hparams": hparams}
+    (path / "cfg.json").write_text(json.dumps(old))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_format_1_dirs_keep_loading(arch, tmp_path):
+    """Users' SAE dirs written before format 2 load into the same model, settings included."""
+    torch.manual_seed(1)
+    sae = build_sae(arch, 12, 40, k=5, hparams={"prefixes": [5, 20, 40]} if arch == "matryoshka" else None)
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.3)
+        if sae.has_threshold:
+            sae.threshold.uniform_(0.05, 0.6)
+    new = load_sae(save_sae(sae, tmp_path / "new", hook_name="blocks.0.hook_resid_post", model_name="m"))
+    old_path = save_sae(sae, tmp_path / "old", hook_name="blocks.0.hook_resid_post", model_name="m")
+    as_format_1(old_path)
+    assert json.loads((old_path / "cfg.json").read_text())["architecture"] == arch
+    old = load_sae(old_path)
+    assert type(old) is type(new) and old.k == new.k and old.hparams == new.hparams
+    x = torch.randn(32, 12) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(old.encode(x), new.encode(x), rtol=0, atol=0)
+        torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+
+
+def test_load_refuses_a_saelens_name_that_disagrees(tmp_path):
+    """SAELens reads the top-level architecture: one that contradicts saepipe's would load differently."""
+    sae = build_sae("batchtopk", 12, 40, k=5)
+    path = save_sae(sae, tmp_path / "s", hook_name="blocks.0.hook_resid_post", model_name="m")
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["architecture"] = "topk"
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SaepipeError, match=r"does not match saepipe\.architecture 'batchtopk'"):
+        load_sae(path)

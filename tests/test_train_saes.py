@@ -143,3 +143,38 @@ def test_auxk_revives_latents_that_would_die():
     # without AuxK nearly all stay dead (a few drift back as b_dec leaves the subspace): not vacuous
     assert alive[0.0] <= 6, alive
     assert alive[1 / 32] >= 3 * alive[0.0] + 8, alive
+
+
+def test_decoder_ortho_penalty_equals_brute_force_and_rotates_over_rows():
+    from saepipe.train.saes.base import ORTHO_BLOCK, ortho_penalty
+
+    torch.manual_seed(0)
+    sae = build_sae("topk", 8, 2 * ORTHO_BLOCK + 10, k=2)  # three blocks, the last one short
+    x = torch.randn(64, 8)
+    unit = (sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)).detach().double()
+    cos2 = (unit @ unit.T).pow(2).fill_diagonal_(0)
+    variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
+    for block, (lo, hi) in enumerate([(0, 256), (256, 512), (512, 522), (0, 256)]):
+        assert int(sae.ortho_block) == block
+        got = float(ortho_penalty(sae, x).detach())
+        want = variance * float(cos2[lo:hi].sum()) / ((hi - lo) * (sae.d_sae - 1))
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_decoder_ortho_separates_a_child_from_its_parent():
+    """Two decoder rows along parent and parent + child: the penalty's gradient turns the second towards the
+    pure child (its cosine to the parent falls), the tie reconstruction alone cannot break."""
+    from saepipe.train.saes.base import ortho_penalty
+
+    sae = build_sae("topk", 4, 2, k=1)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0, 0, 0], [0.6, 0.8, 0, 0]]))
+    opt = torch.optim.SGD([sae.W_dec], lr=0.05)
+    x = torch.randn(32, 4)
+    for _ in range(20):
+        opt.zero_grad()
+        ortho_penalty(sae, x).backward()
+        opt.step()
+        sae.after_optimizer_step()
+    w = sae.W_dec.detach()
+    assert float(w[0] @ w[1]) < 0.3 and float(w[1, 1]) > 0.9

@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from saepipe.cli import main
 from saepipe.train.config import TrainConfig
-from saepipe.train.trainer import geometric_median, lr_at, sparsity_at
+from saepipe.train.trainer import geometric_median, k_at, lr_at, sparsity_at
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -26,6 +26,15 @@ def test_schedules():
     assert all(a <= b for a, b in pairwise(lrs[:11]))
     scales = [sparsity_at(s, 100, cfg) for s in range(100)]
     assert scales[0] == 0.02 and scales[49] == 1.0 and scales[-1] == 1.0
+
+
+def test_k_anneal_falls_linearly_to_k_then_stops():
+    cfg = TrainConfig(stores=["s"], hook="h", out="o", k_anneal=0.5, k_anneal_start=4.0)
+    ks = [k_at(s, 100, cfg, 10, 2048) for s in range(100)]
+    assert ks[0] == 40 and ks[25] == round(10 * (4 - 3 * 0.5)) and all(a >= b for a, b in pairwise(ks[:50]))
+    assert ks[50:] == [None] * 50  # past the anneal the SAE's own k applies (inference always uses it)
+    assert k_at(0, 100, cfg, 1000, 2048) == 2048  # never above the width
+    assert k_at(0, 100, TrainConfig(stores=["s"], hook="h", out="o"), 10, 2048) is None
 
 
 def test_geometric_median_minimises_the_sum_of_distances():

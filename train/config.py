@@ -57,6 +57,15 @@ class TrainConfig(StageConfig):
     """Fraction of steps over which the learning rate rises linearly from 0."""
     lr_decay: float = Field(0.2, ge=0, le=1)
     """Fraction of steps at the end over which the learning rate falls linearly to 0."""
+    decoder_ortho: float = Field(0.0, ge=0)
+    """Weight of a penalty on the squared cosines between decoder rows, relative to the input variance (0:
+    off). A child feature that always comes with its parent is reconstructed equally well by latents along
+    child + a bit of parent; this prior picks the pure directions (SynthSAEBench's hierarchy)."""
+    k_anneal: float = Field(0.0, ge=0, le=1)
+    """topk, batchtopk, matryoshka: fraction of steps over which the training k falls linearly from
+    k_anneal_start x k to k (0: no annealing); a generous k early keeps latents from merging features."""
+    k_anneal_start: float = Field(4.0, ge=1)
+    """The starting multiple of k when --k-anneal is set."""
     sparsity_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of steps over which the L1/L0 coefficient rises linearly from 0 (relu, jumprelu)."""
     l1_coefficient: float = Field(5.0, ge=0)
@@ -101,6 +110,11 @@ class TrainConfig(StageConfig):
     """Run the encoder matmul under autocast in this dtype (weights and optimizer stay float32)."""
     log_every: int = Field(100, gt=0)
     """Steps between log lines (console and W&B)."""
+    eval_every: int | None = Field(None, gt=0)
+    """Every this many steps (and at the end), splice each SAE into the store's model on --eval-contexts
+    held-out contexts and log loss recovered and KL (console and W&B); off by default (it loads the model)."""
+    eval_contexts: int = Field(8, gt=0)
+    """Held-out contexts (those after the first store's) each --eval-every evaluation runs on."""
     checkpoint_every: int = Field(1000, gt=0)
     """Steps between checkpoints (model, optimizer, RNG and stream position in <out>/checkpoint)."""
     resume: bool = True

@@ -14,6 +14,12 @@ MASTER_ADDR / MASTER_PORT:
 Gradients are averaged explicitly after backward (one flat all-reduce per SAE) instead of wrapping each
 SAE in DistributedDataParallel: several SAEs train from one batch, and a visible reduction is easier to
 check against the one-process run than DDP's hooks. The arithmetic is DDP's (mean over ranks).
+
+On CUDA the process group has two backends, `cpu:gloo,cuda:nccl` (issue 16): NCCL refuses CPU tensors, and
+a group that serves both kinds means a small CPU tensor (a flag, a start-up statistic) can never crash a
+GPU run. The per-step reductions are built on the compute device anyway, so they take the NCCL path. A
+launcher that sets MASTER_ADDR/MASTER_PORT gets a process group even with one rank (`torchrun
+--nproc_per_node 1`), so the one-GPU run exercises the same collectives as the many-GPU one.
 """
 
 from __future__ import annotations
@@ -40,25 +46,34 @@ class DistInfo:
         return self.rank == 0
 
 
+def backend_for(device: torch.device) -> str:
+    """The process group's backend: gloo for CPU tensors always, NCCL for CUDA tensors on a GPU run."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init(device: str = "auto") -> DistInfo:
-    """Read the launcher's environment, start the process group when there are several ranks."""
+    """Read the launcher's environment; start the process group under a launcher (or with several ranks)."""
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = world > 1 or (
+        "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ and "RANK" in os.environ
+    )
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and world > 1:
+    elif device == "cuda" and launched:
         device = f"cuda:{local_rank}"
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if launched and not dist.is_initialized():
+        dist.init_process_group(backend=backend_for(dev), device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, local_rank, world, dev)
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a process group is up (reductions then really run, even over a single rank)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
@@ -109,13 +124,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_agree(value: int) -> bool:
-    """Whether every rank passed the same integer (e.g. a resume step)."""
+def all_agree(value: int, device: torch.device | str = "cpu") -> bool:
+    """Whether every rank passed the same integer (e.g. a resume step); `device` is the compute device."""
     if not active():
         return True
-    t = torch.tensor([value, -value], dtype=torch.int64)
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t[0]) == value and int(-t[1]) == value
+    agreed = t.tolist()  # one host sync, at start-up
+    return agreed[0] == value and -agreed[1] == value
 
 
 def shutdown() -> None:

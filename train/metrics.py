@@ -18,36 +18,49 @@ import torch
 from saepipe.train.saes import SAE, TrainOutput
 
 
-def fvu(x: torch.Tensor, recon: torch.Tensor) -> float:
-    """Fraction of variance unexplained: squared error over the variance around the batch mean."""
-    return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: squared error over the variance around the batch mean (0-d, on
+    the batch's device)."""
+    return (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 class IntervalMetrics:
-    """Accumulates one SAE's statistics between two log lines (firing counts are global, all ranks)."""
+    """Accumulates one SAE's statistics between two log lines (firing counts are global, all ranks).
+
+    Everything stays on the compute device until `summary()`, called only at log steps, so the steps in
+    between never wait for the GPU (a `float()` per metric per step would, issue 16).
+    """
 
     def __init__(self, d_sae: int):
-        self.fire_counts = torch.zeros(d_sae, dtype=torch.int64)
+        self.d_sae = d_sae
+        self.fire_counts: torch.Tensor | None = None  # [d_sae] int64, on the device of the first step
         self.tokens = 0
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
 
     def add(self, out: TrainOutput, x: torch.Tensor, global_counts: torch.Tensor, global_tokens: int) -> None:
-        self.fire_counts += global_counts.cpu()
+        counts = global_counts.detach()
+        self.fire_counts = counts.clone() if self.fire_counts is None else self.fire_counts + counts
         self.tokens += global_tokens
         self.steps += 1
-        values = {f"loss/{k}": float(v) for k, v in out.terms.items()}
-        values["loss/total"] = float(out.loss.detach())
-        values["mse"] = float((x - out.recon).pow(2).sum(-1).mean())
+        values = {f"loss/{k}": v for k, v in out.terms.items()}
+        values["loss/total"] = out.loss.detach()
+        values["mse"] = (x - out.recon).pow(2).sum(-1).mean()
         values["fvu"] = fvu(x, out.recon)
-        values["l0"] = float(out.fire_counts.sum()) / x.shape[0]
+        values["l0"] = out.fire_counts.sum() / x.shape[0]
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
 
     def summary(self, sae: SAE) -> dict[str, Any]:
-        out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        """The interval's means; the one place the accumulated values are read back to the host."""
+        steps = max(self.steps, 1)
+        out: dict[str, Any] = {k: float(v) / steps for k, v in self.sums.items()}
         out["dead_fraction"] = float(sae.dead_mask(sae.dead_window).float().mean())
-        density = self.fire_counts.double() / max(self.tokens, 1)
+        counts = (
+            self.fire_counts if self.fire_counts is not None else torch.zeros(self.d_sae, dtype=torch.int64)
+        )
+        density = counts.cpu().double() / max(self.tokens, 1)
         out["log10_density"] = np.log10(density.clamp_min(1e-10).numpy())
         return out
 
@@ -84,7 +97,10 @@ class Reporter:
                 config=config,
             )
 
-    def log(self, step: int, total: int, tokens: int, per_sae: dict[str, dict]) -> None:
+    def log(
+        self, step: int, total: int, tokens: int, per_sae: dict[str, dict], extra: dict | None = None
+    ) -> None:
+        """`extra`: W&B-only values already named (train/monitor.py: learning rate, coefficients)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -102,7 +118,12 @@ class Reporter:
                         )
                     else:
                         flat[f"{name}/{k}"] = v
-            self.run.log(flat, step=step)
+            self.run.log({**flat, **(extra or {})}, step=step)
+
+    def log_extra(self, step: int, values: dict[str, Any]) -> None:
+        """Log already-named values to W&B at `step` (train/monitor.py's evaluations)."""
+        if self.enabled and self.run is not None:
+            self.run.log(values, step=step)
 
     def finish(self) -> None:
         if self.run is not None:

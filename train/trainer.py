@@ -31,12 +31,14 @@ from saepipe.train import checkpoint, distributed
 from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
 from saepipe.train.metrics import IntervalMetrics, Reporter
+from saepipe.train.monitor import Monitor, details
 from saepipe.train.sae_dir import save_sae
 from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 from saepipe.train.step import make_optimizer, sae_step
 
 # Settings that may change between a run and its resumption without changing the result.
 FREE_TO_CHANGE = {"log_every", "checkpoint_every", "wandb", "wandb_project", "device", "resume"}
+FREE_TO_CHANGE |= {"eval_every", "eval_contexts"}  # what train/monitor.py logs, not what is trained
 
 
 @dataclass
@@ -59,6 +61,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if decay and step >= total - decay:
         factor = min(factor, (total - step) / decay)
     return cfg.lr * factor
+
+
+def k_at(step: int, total: int, cfg: TrainConfig, k: int | None, width: int) -> int | None:
+    """The training k at `step`: k_anneal_start x k falling linearly to k over the first k_anneal of steps."""
+    span = round(cfg.k_anneal * total)
+    if k is None or span == 0 or step >= span:
+        return None
+    return min(width, round(k * (cfg.k_anneal_start - (cfg.k_anneal_start - 1) * step / span)))
 
 
 def sparsity_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -89,7 +99,7 @@ def b_dec_start(cfg: TrainConfig, loader: ActivationLoader) -> torch.Tensor:
         mean = sum(st.count * st.mean for st in stats) / max(count, 1)
         return torch.from_numpy(np.asarray(mean * loader.scale, dtype=np.float32))
     sample = torch.from_numpy(loader.load_window(0, 0).rows[:8192])
-    return distributed.all_reduce_mean(geometric_median(sample).float())
+    return distributed.all_reduce_mean(geometric_median(sample).float().to(loader.device))  # NCCL wants CUDA
 
 
 def build_saes(cfg: TrainConfig, d_in: int, input_rms: float = 1.0) -> dict[str, SAE]:
@@ -107,6 +117,7 @@ def build_saes(cfg: TrainConfig, d_in: int, input_rms: float = 1.0) -> dict[str,
             first[key] = build_sae(spec.arch, d_in, spec.width, k=spec.k, hparams=hparams)
         sae = copy.deepcopy(first[key])
         sae.dead_window = cfg.resolved_dead_window(spec.tokens)
+        sae.decoder_ortho = cfg.decoder_ortho
         saes[spec.name] = sae
     return saes
 
@@ -151,6 +162,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         cfg.stores, cfg.hook, cfg.batch_size, cfg.buffer_tokens, cfg.seed, info.rank, info.world_size,
         cfg.drop_bos, cfg.normalize, info.device, follow=cfg.follow,
     )  # fmt: skip
+    monitor = Monitor(cfg, loader.stores[0], info.device, info.is_main)  # spliced evals (train/monitor.py)
     global_batch = cfg.batch_size * info.world_size
     totals = {s.name: max(1, s.tokens // global_batch) for s in specs}  # steps of each SAE
     total = max(totals.values())
@@ -169,7 +181,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         with torch.no_grad():
             for sae in saes.values():
                 sae.b_dec.copy_(b_dec)
-    if not distributed.all_agree(start_step):
+    if not distributed.all_agree(start_step, info.device):
         raise SaepipeError(
             f"ranks disagree on the checkpoint step in {out}; remove {out}/checkpoint to restart"
         )
@@ -191,15 +203,18 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if step >= totals[name]:
                     continue  # this SAE's budget is spent; the stream goes on for the larger ones
                 lr, scale = lr_at(step, totals[name], cfg), sparsity_at(step, totals[name], cfg)
+                sae.train_k = k_at(step, totals[name], cfg, sae.k, sae.d_sae)
                 with autocast:
-                    res = sae_step(sae, optimizers[name], batch.x, lr, scale)
-                counts = distributed.all_reduce_sum(res.fire_counts)
-                metrics[name].add(res, batch.x, counts, global_batch)
+                    res = sae_step(sae, optimizers[name], batch.x, lr, scale, n_tokens=global_batch)
+                metrics[name].add(res.out, batch.x, res.fire_counts, res.n_tokens)
             done = step + 1
             if done % cfg.log_every == 0 or done == total or done in totals.values():
                 per_sae = {name: m.summary(saes[name]) for name, m in metrics.items() if m.steps}
-                reporter.log(done, total, done * global_batch, per_sae)
+                schedule = lr_at(step, total, cfg), sparsity_at(step, total, cfg)  # of the longest budget
+                reporter.log(done, total, done * global_batch, per_sae, extra=details(*schedule, saes))
                 metrics = {name: IntervalMetrics(sae.d_sae) for name, sae in saes.items()}
+            if monitor.due(done, total):
+                reporter.log_extra(done, monitor.evaluate(done, saes, loader.scale))
             if done % cfg.checkpoint_every == 0 and done < total:
                 _check_finite(saes, done, out)  # never replace a good checkpoint with a diverged one
                 with _disk_full_is_an_error(out, f"the checkpoint of step {done:,}"):

@@ -81,6 +81,8 @@ class SAE(nn.Module):
     """Settings the trainer is given in units of the input's RMS per dimension (converted when built)."""
     dead_window: int = 1_000_000
     """Tokens without firing after which a latent counts as dead (set by the trainer; AuxK uses it)."""
+    decoder_ortho: float = 0.0
+    """Weight of the decoder-orthogonality penalty (set by the trainer; 0: off)."""
 
     def __init__(self, d_in: int, d_sae: int, k: int | None = None, hparams: dict[str, Any] | None = None):
         super().__init__()
@@ -90,6 +92,7 @@ class SAE(nn.Module):
         if unknown:
             raise ValueError(f"{self.architecture} has no settings {sorted(unknown)}")
         self.d_in, self.d_sae, self.k = d_in, d_sae, (k if self.uses_k else None)
+        self.train_k: int | None = None  # the trainer's annealed k for this step; inference always uses k
         self.hparams = {**self.default_hparams, **(hparams or {})}
         W_dec = torch.randn(d_sae, d_in)
         W_dec *= self.init_decoder_norm / W_dec.norm(dim=1, keepdim=True)
@@ -100,6 +103,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         # Tokens since each latent last fired: the dead-latent window (checkpointed, not in the SAE dir).
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
+        # Which block of decoder rows the orthogonality penalty takes next (checkpointed, not in the SAE dir).
+        self.register_buffer("ortho_block", torch.zeros((), dtype=torch.int64))
 
     # ---- inference (the SAE dir contract) ----
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_sae]
@@ -107,6 +112,17 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:  # [..., d_in] -> [..., d_sae]
         raise NotImplementedError
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:  # [n, d_in] -> nnz active pairs
+        """The active pairs of `encode(x)` (value > 0) in row-major order, values bit-equal to encode's.
+
+        Analysis needs only these (tens of k active out of thousands); architectures whose selection yields
+        them directly override this so no dense [n, d_sae] code is written and scanned. This reference
+        goes through the dense code; tests/test_train_saes.py checks every override against it.
+        """
+        z = self.encode(x)
+        rows, latents = torch.nonzero(z > 0, as_tuple=True)
+        return SparseCode(rows, latents, z[rows, latents], x.shape[0])
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # [..., d_sae] -> [..., d_in]
         return z @ self.W_dec + self.b_dec
@@ -139,9 +155,10 @@ class SAE(nn.Module):
         """Load one SAE-dir tensor (`load_sae`); an architecture that parameterises it otherwise overrides."""
         getattr(self, name).copy_(value)
 
-    def cfg_fields(self) -> dict[str, Any]:
-        """Architecture-specific cfg.json fields."""
-        return {"k": self.k} if self.uses_k else {}
+    @property
+    def active_k(self) -> int | None:
+        """k for training selection: the annealed value while the trainer sets one, else k."""
+        return self.train_k or self.k
 
     # ---- shared training machinery ----
     def decode_code(self, code: SparseCode, with_bias: bool = True) -> torch.Tensor:
@@ -164,6 +181,8 @@ class SAE(nn.Module):
         recon, terms = self.reconstruction_losses(x, code)
         ctx = StepContext(x, x_c, pre, code, pre_values, recon, sparsity_scale)
         terms.update(self.extra_losses(ctx))
+        if self.decoder_ortho > 0:
+            terms["ortho"] = self.decoder_ortho * ortho_penalty(self, x)
         loss = torch.stack(list(terms.values())).sum()
         fired = code.latents[code.values.detach() > 0]
         return TrainOutput(
@@ -198,6 +217,31 @@ class SAE(nn.Module):
     def after_optimizer_step(self) -> None:
         if self.unit_norm_decoder:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+ORTHO_BLOCK = 256
+"""Decoder rows the orthogonality penalty compares with all others per step (a rotating block)."""
+
+
+def ortho_penalty(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between a block of decoder rows and every other row, times the batch's input
+    variance (so its weight is relative to the reconstruction loss, like AuxK's).
+
+    Why: a child feature that always comes with its parent is reconstructed equally well by a latent along
+    child + a * parent for a range of a (its parent latent makes up the difference), so reconstruction and
+    sparsity cannot pick a = 0; directions in superposition are nearly orthogonal, and this prior picks the
+    pure child. Blocks rotate over the rows, so every pair is penalised every d_sae / 256 steps."""
+    W = sae.W_dec
+    n_blocks = -(-sae.d_sae // ORTHO_BLOCK)
+    start = int(sae.ortho_block) % n_blocks * ORTHO_BLOCK
+    rows = torch.arange(start, min(start + ORTHO_BLOCK, sae.d_sae), device=W.device)
+    unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = unit[rows] @ unit.T  # [block, d_sae]
+    cos = cos.masked_fill(rows[:, None] == torch.arange(sae.d_sae, device=W.device)[None, :], 0.0)
+    with torch.no_grad():
+        sae.ortho_block += 1
+    variance = (x - x.mean(0)).pow(2).sum(-1).mean().detach()
+    return variance * cos.pow(2).sum() / (len(rows) * max(sae.d_sae - 1, 1))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from saepipe.train.saes.base import SAE, StepContext
+from saepipe.train.saes.base import SAE, SparseCode, StepContext
 from saepipe.train.saes.sparse import dense_mode
 from saepipe.train.saes.topk import auxk_loss
 
@@ -63,8 +63,14 @@ class BatchTopKSAE(SAE):
         pre = self.pre_acts(x)
         return pre * (pre > self.threshold)
 
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """Pairs above the threshold (and above 0, as encode's non-zero values are), from pre directly."""
+        pre = self.pre_acts(x)
+        rows, latents = torch.nonzero((pre > self.threshold) & (pre > 0), as_tuple=True)
+        return SparseCode(rows, latents, pre[rows, latents], x.shape[0])
+
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_topk_support(torch.relu(pre), self.k)
+        return batch_topk_support(torch.relu(pre), self.active_k)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}

@@ -36,6 +36,3 @@ class MatryoshkaSAE(BatchTopKSAE):
             recon = self.decode_code(code.select(code.latents < size))
             losses.append(mse(x, recon))
         return recon, {"mse": torch.stack(losses).mean()}
-
-    def cfg_fields(self) -> dict[str, Any]:
-        return {**super().cfg_fields(), "matryoshka_prefixes": self.hparams["prefixes"]}

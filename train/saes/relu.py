@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from saepipe.train.saes.base import SAE, StepContext
+from saepipe.train.saes.base import SAE, SparseCode, StepContext
 
 
 class ReLUSAE(SAE):
@@ -22,6 +22,11 @@ class ReLUSAE(SAE):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.pre_acts(x))
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        pre = self.pre_acts(x)
+        rows, latents = torch.nonzero(pre > 0, as_tuple=True)
+        return SparseCode(rows, latents, pre[rows, latents], x.shape[0])
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, latents = (pre > 0).nonzero(as_tuple=True)  # row-major, so rows come sorted

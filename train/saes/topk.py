@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from saepipe.train.saes.base import SAE, StepContext, mse
+from saepipe.train.saes.base import SAE, SparseCode, StepContext, mse
 
 
 class TopKSAE(SAE):
@@ -29,8 +29,21 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, indices, values)
 
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """The k selected pairs per token straight from top-k, latents ascending, zeros dropped.
+
+        Top-k of pre then ReLU of the k values keeps the same positive pairs as encode's top-k of
+        ReLU(pre) (only zeros could differ, and they are dropped) without a ReLU pass over every latent.
+        """
+        values, indices = self.pre_acts(x).topk(self.k, dim=-1)
+        indices, order = indices.sort(dim=-1)
+        values = torch.relu(values.gather(-1, order))
+        keep = values > 0
+        rows = torch.arange(len(x), device=x.device)[:, None].expand_as(indices)
+        return SparseCode(rows[keep], indices[keep], values[keep], x.shape[0])
+
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows_of(pre.topk(self.k, dim=-1, sorted=False).indices)
+        return rows_of(pre.topk(self.active_k, dim=-1, sorted=False).indices)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}
