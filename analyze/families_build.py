@@ -50,7 +50,7 @@ def _load(cfg: FamiliesConfig) -> tuple[Any, Any, list, list, str]:
     if len({s.d_sae for s, _ in ladder}) != len(ladder):
         raise SaepipeError("two --ladder SAEs have the same width; give one SAE per width")
     hook = resolve_hook(store, [wide.cfg], cfg.hook)
-    k = wide.cfg.get("k") if wide.cfg["architecture"] == "topk" else None
+    k = wide.k if wide.architecture == "topk" else None
     for c in cfg.cuts():
         w = c.get("width")
         if w is not None and w >= wide.d_sae:
@@ -267,7 +267,7 @@ def _col(m: sp.spmatrix) -> np.ndarray:
 
 
 def _row(path: str, role: str, sae: Any, r: ReconstructionStats, spliced: dict) -> dict:
-    return {"name": Path(path).name, "role": role, "architecture": sae.cfg["architecture"], "d_sae": sae.d_sae,
+    return {"name": Path(path).name, "role": role, "architecture": sae.architecture, "d_sae": sae.d_sae,
             "l0": r.l0, "fvu": r.fvu, "path": path} | spliced.get(path, {})  # fmt: skip
 
 

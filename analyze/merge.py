@@ -57,10 +57,10 @@ def merged_tensors(
     wide: Any, md: MergedDecoder, fit: np.ndarray, alpha: np.ndarray, beta: np.ndarray
 ) -> tuple[str, dict[str, np.ndarray]]:
     """(architecture, SAE-dir tensors) of the merged dictionary (module doc)."""
-    arch = MERGED_ARCHITECTURE.get(wide.cfg["architecture"])
+    arch = MERGED_ARCHITECTURE.get(wide.architecture)
     if arch is None:
         raise SaepipeError(
-            f"cannot merge a {wide.cfg['architecture']!r} SAE; merging reads {', '.join(MERGED_ARCHITECTURE)}"
+            f"cannot merge a {wide.architecture!r} SAE; merging reads {', '.join(MERGED_ARCHITECTURE)}"
         )
     t = {name: v.detach().float().cpu().numpy() for name, v in _wide_tensors(wide).items()}
     d, n = t["W_enc"].shape[0], len(md.decoder)
@@ -105,12 +105,12 @@ def write_merged(
 
     cfg = wide.cfg
     n = len(md.decoder)
-    k = cfg.get("k") if arch == "topk" else None
+    k = wide.k if arch == "topk" else None
     if k is not None and int(k) > n:
         raise SaepipeError(
             f"a merge down to {n} families cannot keep the wide SAE's k={k}; merge to at least {k}"
         )
-    hparams = dict((cfg.get("saepipe") or {}).get("hparams") or {}) if arch == cfg["architecture"] else {}
+    hparams = dict(wide.hparams) if arch == wide.architecture else {}
     sae = build_sae(arch, int(cfg["d_in"]), n, k=k, hparams=hparams)
     with torch.no_grad():
         for name, value in tensors.items():

@@ -178,7 +178,7 @@ def test_families_found_exactly_and_merged_code_is_the_parent(tmp_path, world, l
 
     merged_dir = Path(cut["dir"])
     merged = load_sae(merged_dir)
-    assert merged.cfg["architecture"] == "relu" and merged.d_sae == len(WIDE) - 4
+    assert merged.architecture == "relu" and merged.d_sae == len(WIDE) - 4
     f_p = p["family"]
     np.testing.assert_allclose(merged.W_dec[f_p].detach().numpy(), E[0], atol=1e-6)
     import torch
@@ -275,7 +275,8 @@ def test_an_sae_with_no_splits_merges_to_itself(tmp_path, world, arch):
         if name != "threshold":  # jumprelu keeps log(threshold); the others are copied bit for bit
             assert (b_t[name] == a_t[name]).all(), name
     cfg_a, cfg_b = (json.loads((p / "cfg.json").read_text()) for p in (path, merged))
-    assert cfg_b["architecture"] == cfg_a["architecture"] and cfg_b.get("k") == cfg_a.get("k")
+    assert cfg_b["saepipe"]["architecture"] == arch and cfg_b["architecture"] == cfg_a["architecture"]
+    assert cfg_b.get("k") == cfg_a.get("k") and cfg_b["saepipe"].get("k") == cfg_a["saepipe"].get("k")
     rows = {r["role"]: r for r in rep["tradeoff"]}
     assert (
         rows["merged"]["fvu"] == pytest.approx(rows["wide"]["fvu"], rel=1e-6)

@@ -106,7 +106,7 @@ def test_merged_dir_round_trips_through_load_sae_analyze_evaluate(tmp_path, tiny
     sae = load_sae(merged)
     assert (
         sae.d_sae == 24
-        and sae.cfg["architecture"] == "relu"
+        and sae.architecture == "relu"
         and sae.cfg["saepipe"]["merged"]["cut"] == {"width": 24}
     )
 
