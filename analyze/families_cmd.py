@@ -50,7 +50,8 @@ class FamiliesConfig(StageConfig):
     direction: str = "refit"
     """A family's decoder row: `refit`, the top principal direction of the family's reconstructions (keeps
     the most of them), or `mean`, the activation-weighted mean of its members' unit rows (the direction
-    merging is scored by). Measured on SynthSAEBench (README): refit has the lower FVU and recovers more."""
+    merging is scored by). Measured on the real-model ladder (bench/RESULTS.md): refit has the lower FVU and
+    the higher loss recovered at every cut."""
     link_cos: float = Field(0.3, ge=-1, le=1)
     """Ladder links: decoder cosine a latent needs to its parent (as `saepipe splitting --min-cos`)."""
     link_coactivation: float = Field(0.5, ge=0, le=1)
