@@ -23,6 +23,11 @@ COMMANDS = {
         "saepipe.analyze.recovery:RecoveryConfig",
         "saepipe.analyze.recovery:run",
     ),
+    "families": Command(
+        "group a wide SAE's latents into split families and write merged SAE dirs (one latent per family)",
+        "saepipe.analyze.families_cmd:FamiliesConfig",
+        "saepipe.analyze.families_cmd:run",
+    ),
     "splitting": Command(
         "build split trees across a width ladder of SAEs and the sparsity-reconstruction frontier",
         "saepipe.analyze.splitting:SplittingConfig",

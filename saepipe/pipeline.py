@@ -1,9 +1,12 @@
 """`saepipe run`: whole pipelines from pipelines.yaml, skipping stages whose outputs are up to date.
 
-A pipeline has sections named after stage commands (`harvest` or `synth`, then `train`, then any of
-`analyze`, `evaluate`, `recovery`, `splitting`); each section holds exactly that command's config fields.
+A pipeline has sections named after stage commands (`harvest` or `synth`, then `train`, then optionally
+`families`, then any of `analyze`, `evaluate`, `recovery`, `splitting`); each section holds exactly that
+command's config fields.
 The runner fills the fields that connect stages (store paths, hook, SAE dirs, output dirs under the
-pipeline's `out`), unless the section sets them itself. `extends: other` starts from another pipeline;
+pipeline's `out`), unless the section sets them itself. `families` takes the widest trained SAE as its
+`sae` and the others as `baselines`; the merged dirs it writes join the trained ones, so the stages after
+it analyze, evaluate or score all of them. `extends: other` starts from another pipeline;
 a section set to null drops an inherited one.
 
 Every finished stage leaves a stamp in `<out>/.saepipe/<stage>.json`: its resolved config, a digest of
@@ -31,11 +34,12 @@ from saepipe.config import StageConfig, describe_validation_error
 from saepipe.errors import SaepipeError
 
 SOURCE_STAGES = ("harvest", "synth")
-STAGES = ("harvest", "synth", "train", "analyze", "evaluate", "recovery", "splitting")
+STAGES = ("harvest", "synth", "train", "families", "analyze", "evaluate", "recovery", "splitting")
 CONFIGS = {
     "harvest": "saepipe.harvest.config:HarvestConfig",
     "synth": "saepipe.harvest.synthetic:SynthConfig",
     "train": "saepipe.train.config:TrainConfig",
+    "families": "saepipe.analyze.families_cmd:FamiliesConfig",
     "analyze": "saepipe.analyze.config:AnalyzeConfig",
     "evaluate": "saepipe.analyze.config:EvaluateConfig",
     "recovery": "saepipe.analyze.recovery:RecoveryConfig",
@@ -56,6 +60,7 @@ class PipelineSpec(BaseModel):
     harvest: dict[str, Any] | None = None
     synth: dict[str, Any] | None = None
     train: dict[str, Any] | None = None
+    families: dict[str, Any] | None = None
     analyze: dict[str, Any] | None = None
     evaluate: dict[str, Any] | None = None
     recovery: dict[str, Any] | None = None
@@ -74,7 +79,10 @@ class RunConfig(StageConfig):
     """Pipelines file (default: ./pipelines.yaml, else the one shipped with saepipe)."""
     set: list[str] = Field(default_factory=list)
     """Override one field, e.g. --set train.k=64 --set harvest.tokens=50000 (values are YAML)."""
-    only: Literal["harvest", "synth", "train", "analyze", "evaluate", "recovery", "splitting"] | None = None
+    only: (
+        Literal["harvest", "synth", "train", "families", "analyze", "evaluate", "recovery", "splitting"]
+        | None
+    ) = None
     """Run only this stage (the ones before it must have run)."""
     force: list[str] = Field(default_factory=list)
     """Redo this stage even if its outputs are up to date; repeatable."""
@@ -226,6 +234,10 @@ class Runner:
         if stage == "train":
             t = self.configs("train", ctx)[0][1]
             return {"sae_dirs": {s.name: str(Path(t.out) / s.name) for s in t.specs()}}
+        if stage == "families":
+            from saepipe.analyze.families_cmd import merged_dirs
+
+            return {"sae_dirs": {**ctx["sae_dirs"], **merged_dirs(self.configs("families", ctx)[0][1])}}
         return {}
 
     def configs(self, stage: str, ctx: dict[str, Any]) -> list[tuple[str, StageConfig]]:
@@ -241,6 +253,11 @@ class Runner:
                 )
             ]
         saes: dict[str, str] = ctx["sae_dirs"]
+        if stage == "families":
+            widths = {s.name: s.width for s in self.configs("train", ctx)[0][1].specs()}
+            widest = max(saes, key=lambda n: widths.get(n, 0))
+            fill = {"sae": saes[widest], "baselines": [d for n, d in saes.items() if n != widest]}
+            return [("families", self.build(stage, {**fill, "store": store, "out": str(out / stage)}))]
         if stage == "splitting":
             return [
                 (
@@ -386,6 +403,17 @@ def _run_train(configs: list) -> dict[str, Any]:
     return {"sae_dirs": {s.name: str(Path(cfg.out) / s.name) for s in cfg.specs()}}
 
 
+def _run_families(configs: list) -> dict[str, Any]:
+    """One families run; its merged dirs join the SAEs the later stages work on."""
+    from saepipe.analyze.families_cmd import merged_dirs, run
+
+    ((_, cfg),) = configs
+    run(cfg)
+    given = {Path(p).name: p for p in [cfg.sae, *cfg.ladder, *cfg.baselines]}
+    saes = dict(sorted({**given, **merged_dirs(cfg)}.items()))  # the order a stamp gives back (sorted keys)
+    return {"sae_dirs": saes, "files": [str(Path(cfg.out) / "families.json")]}
+
+
 def _each(runner: str, out_key: str) -> Callable[[list], dict[str, Any]]:
     def execute(configs: list) -> dict[str, Any]:
         fn = _load(runner)
@@ -406,9 +434,10 @@ def _run_recovery(configs: list) -> dict[str, Any]:
         run(cfg)
     first = configs[0][1]
     points = measure_frontier([c.sae for _, c in configs], first.store, max_tokens=first.max_tokens)
-    table = recovery_table(
-        load_reports({name: c.out for name, c in configs}), frontier_metrics([as_row(p) for p in points])
-    )
+    from saepipe.analyze.merge import label_merged
+
+    metrics = label_merged(frontier_metrics([as_row(p) for p in points]), {n: c.sae for n, c in configs})
+    table = recovery_table(load_reports({name: c.out for name, c in configs}), metrics)
     out = Path(first.out).parent
     (out / "table.md").write_text(table.markdown + "\n")
     (out / "table.json").write_text(table.json())
@@ -422,6 +451,7 @@ EXECUTE: dict[str, Callable[[list], dict[str, Any]]] = {
     "harvest": _run_harvest,
     "synth": _run_synth,
     "train": _run_train,
+    "families": _run_families,
     "analyze": _each("saepipe.analyze.cli:run", "out"),
     "evaluate": _each("saepipe.analyze.cli:run_evaluate", "out"),
     "recovery": _run_recovery,
