@@ -439,9 +439,12 @@ class StoreWriter:
             raise ValueError(f"shard start {start} is not on the shard grid")
         self._check_lease()
         stop = start + len(tokens)
-        self.group["tokens"][start:stop] = tokens
-        for hook, a in acts.items():
-            self.group[f"{ACTS}/{hook}"][start:stop] = to_stored(a, self.settings["dtype"])
+        # Every shard gets its file, even one equal to the fill value (zarr skips those by default): a
+        # missing shard file is how readers recognise damage.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self.group["tokens"][start:stop] = tokens
+            for hook, a in acts.items():
+                self.group[f"{ACTS}/{hook}"][start:stop] = to_stored(a, self.settings["dtype"])
 
     @contextlib.contextmanager
     def out_of_space(self, start: int, n_rows: int) -> Iterator[None]:
@@ -481,9 +484,12 @@ class StoreWriter:
             if fs.exists(key):
                 fs.rm(key)  # zarr would read a damaged shard back to merge into it
         stop = start + len(tokens)
-        self.group["tokens"][start:stop] = tokens
-        for hook, a in acts.items():
-            self.group[f"{ACTS}/{hook}"][start:stop] = to_stored(a, self.settings["dtype"])
+        # Every shard gets its file, even one equal to the fill value (zarr skips those by default): a
+        # missing shard file is how readers recognise damage.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self.group["tokens"][start:stop] = tokens
+            for hook, a in acts.items():
+                self.group[f"{ACTS}/{hook}"][start:stop] = to_stored(a, self.settings["dtype"])
 
     def finish(self) -> None:
         """Shrink the arrays to what was committed (the dataset may run out early), record the norm

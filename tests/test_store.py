@@ -142,3 +142,25 @@ def test_cache_verify_sees_nan_in_bfloat16_bits(tmp_path, bf16_store):
     assert [str(d) for d in find_damage(str(store))] == [
         "activations/blocks.1.hook_resid_post contexts [8, 12) (non-finite values)"
     ]
+
+
+def test_a_shard_of_zeros_is_written_and_reads_back(tmp_path):
+    """A shard equal to the fill value still gets its file (zarr skips such chunks by default), so it is
+    not mistaken for a missing, damaged shard: the store finishes, reads back and verifies."""
+    from saepipe.harvest.store import StoreWriter
+
+    settings = {
+        "model": {"name": "hand", "fingerprint": "hand", "d_model": 4, "n_layers": 1, "dtype": "float32"},
+        "tokenizer": {"name": "none", "vocab_size": 5, "bos_token_id": None, "eos_token_id": None},
+        "dataset": {"name": "hand", "config": None, "split": "train", "text_column": None},
+        "hooks": ["h"], "context_size": 8, "prepend_bos": False, "dtype": "float32", "compression": "none",
+        "contexts_per_chunk": 2, "chunks_per_shard": 2, "batch_size": 4, "n_contexts_target": 8,
+    }  # fmt: skip
+    writer = StoreWriter(str(tmp_path / "s"), settings)
+    ones = np.ones((4, 8, 4), np.float32)
+    writer.write_shard(0, np.zeros((4, 8), np.int32), {"h": np.zeros((4, 8, 4), np.float32)}, first_pos=0)
+    writer.write_shard(4, np.ones((4, 8), np.int32), {"h": ones}, first_pos=0)
+    writer.finish()
+    store = open_store(str(tmp_path / "s"))
+    assert store.missing_shards("tokens", 0, 8) == [] and store.missing_shards("activations/h", 0, 8) == []
+    np.testing.assert_array_equal(store.activations("h", 0, 8), np.concatenate([np.zeros_like(ones), ones]))
