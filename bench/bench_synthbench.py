@@ -35,9 +35,9 @@ def report_of(sae: Path) -> Path:
     )
 
 
-def targets(rows: list[dict], baseline: float) -> list[str]:
-    """One line per target: met or missed, by how much, and by which SAE."""
-    at_width = [r for r in rows if r["width"] == 2048]
+def targets(rows: list[dict], baseline: float, k: int) -> list[str]:
+    """One line per target (width 2048, k = true L0): met or missed, by how much, and by which SAE."""
+    at_width = [r for r in rows if r["width"] == 2048 and r["k"] in (None, k)]
     at_2m = [r for r in at_width if r["tokens"] in (None, TWO_M)]
     lines = []
     if at_2m:
@@ -49,7 +49,7 @@ def targets(rows: list[dict], baseline: float) -> list[str]:
         )
     curve = [r for r in at_width if (r["tokens"] or 0) <= THIRTY_TWO_M]
     if curve:
-        best = max(curve, key=lambda r: min(r["all"] / 0.5, min(r["bins"]) / 0.2))
+        best = max(curve, key=lambda r: (min(r["all"] / 0.5, min(r["bins"]) / 0.2), r["all"]))
         ok = best["all"] >= 0.5 and min(best["bins"]) >= 0.2
         verdict = (
             "met" if ok else f"missed: {best['all']:.3f} recovered, lowest decile {min(best['bins']):.2f}"
@@ -64,6 +64,9 @@ def main() -> None:
     p.add_argument("--store", required=True, help="the synthetic store they were trained on")
     p.add_argument("--max-tokens", type=int, default=262_144, help="tokens for L0 and FVU")
     p.add_argument("--baseline", type=float, default=0.228, help="recovered fraction the 2M target doubles")
+    p.add_argument(
+        "--k", type=int, default=11, help="the true L0 the targets are set at (k of TopK-family SAEs)"
+    )
     args = p.parse_args()
     saes = [Path(s.rstrip("/")) for s in args.saes if (Path(s) / "cfg.json").is_file()]
     reports = {str(s): json.loads(report_of(s).read_text()) for s in saes}
@@ -80,7 +83,7 @@ def main() -> None:
             f"{r['name']}: {r['all']:.3f} recovered, MCC {r['mcc']:.3f}, F1 {r['f1']:.3f}, "
             f"absorption {r['absorption_rate']:.3f}, L0 {r['l0']:.2f}, FVU {r['fvu']:.3f}"
         )
-    checks = targets(table.data["rows"], args.baseline)
+    checks = targets(table.data["rows"], args.baseline, args.k)
     print("\n".join(checks))
     if not args.no_record:
         best = max(table.data["rows"], key=lambda r: r["all"])
