@@ -30,6 +30,7 @@ from saepipe.analyze.explain import Explanation, window_keys
 from saepipe.analyze.heldout import SCORED_SLOTS
 from saepipe.analyze.ranking import RANKING_KEYS
 from saepipe.analyze.report import Report
+from saepipe.files import write_text_atomic
 
 LM_SCORES = ["lm_score", "lm_detection_auroc", "lm_detection_balanced_accuracy", "lm_fuzzing_auroc",
              "lm_fuzzing_balanced_accuracy"]  # fmt: skip
@@ -47,9 +48,7 @@ def _b64(a: np.ndarray, dtype: str) -> str:
 
 def _script(path: Path, call: str, *args: Any) -> None:
     body = ", ".join(json.dumps(a, ensure_ascii=False, separators=(",", ":"), allow_nan=False) for a in args)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(f"SAEPIPE.{call}({body});\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, f"SAEPIPE.{call}({body});\n", encoding="utf-8")
 
 
 def _finite(a: np.ndarray) -> list:

@@ -73,7 +73,7 @@ def build_report(cfg: FamiliesConfig, progress: bool = True) -> dict:
     store, wide, ladder, baselines, hook = _load(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    m, d = wide.d_sae, int(wide.cfg["d_in"])
+    m, d = wide.d_sae, wide.d_in
     decoder = wide.W_dec.detach().float().cpu().numpy()
     b_dec = wide.b_dec.detach().float().cpu().numpy()
     pairs = candidate_pairs(decoder, cfg.candidate_cos)

@@ -149,7 +149,7 @@ def plot_frontier(points: list[FrontierPoint], path: str | Path, title: str = ""
 def is_model_store(store: Any) -> bool:
     """True for a store harvested from a language model (synthetic and hand-made stores have no layers), the
     only kind where splicing an SAE back into a model means anything."""
-    return int(store.settings["model"].get("n_layers") or 0) > 0
+    return not store.info.is_synthetic
 
 
 SPLICED_KEYS = ("loss_recovered", "kl", "ce_clean", "ce_spliced", "ce_zero")
@@ -190,18 +190,9 @@ def resolve_hook(store: Any, sae_cfgs: list[dict], hook: str | None) -> str:
 
 def check_compatible(path: str, cfg: dict, store: Any) -> None:
     """Refuse an SAE whose input width or training model differs from the store's."""
-    from saepipe.train.sae_dir import model_fingerprints
+    from saepipe.train.sae_dir import SAERecord
 
-    if int(cfg["d_in"]) != store.d_model:
-        raise SaepipeError(
-            f"SAE {path} reads d_in={cfg['d_in']} but store {store.path} has d_model={store.d_model}"
-        )
-    fps = model_fingerprints(cfg)
-    if fps and store.settings["model"]["fingerprint"] not in fps:
-        raise SaepipeError(
-            f"SAE {path} was trained on activations of another model (or synthetic set) than store "
-            f"{store.path}; give the store it was trained on"
-        )
+    SAERecord.of(cfg).compatible_with(store, path)
 
 
 @dataclass

@@ -371,7 +371,7 @@ def score_recovery(cfg: RecoveryConfig, progress: bool = True) -> RecoveryReport
 
     truth = open_truth(cfg.truth)
     store = open_store(cfg.store or truth.store_path)
-    if store.settings["model"]["fingerprint"] != truth.fingerprint:
+    if store.info.model_fingerprint != truth.fingerprint:
         raise SaepipeError(
             f"store {store.path} was not generated from the synthetic set {cfg.truth}; give its store"
         )

@@ -166,7 +166,7 @@ def tokenizer_decode(store: Any) -> Any:
 
     from saepipe.harvest.models import local_checkpoint
 
-    name = store.settings["model"]["name"]
+    name = store.info.model_name
     local = local_checkpoint(name)
     tok = AutoTokenizer.from_pretrained(str(local) if local is not None else name)
     return lambda ids: [tok.decode([i]) for i in ids]

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from saepipe.errors import SaepipeError
+from saepipe.files import check_out_dir
 from saepipe.harvest import hooks as hooklib
 from saepipe.harvest.cache import cache_root, locate
 from saepipe.harvest.capture import Capture, Shard
@@ -55,27 +54,12 @@ class HarvestResult:
 
 def check_writable(out: str) -> None:
     """Refuse an unusable --out before spending minutes loading a model."""
-    if _is_url(out):
-        return
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise SaepipeError(f"--out {out} is an existing file; give a directory path for the store")
-    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
-        raise SaepipeError(f"--out {out} is a non-empty directory that is not a store; choose a new path")
-    probe_writable(out, path if path.exists() else next(p for p in path.absolute().parents if p.exists()))
+    if not _is_url(out):
+        check_out_dir(out, "give a directory path for the store", _not_a_store)
 
 
-def probe_writable(out: str | Path, parent: Path) -> None:
-    """Refuse `--out` unless a file can really be created in `parent` (os.access says yes to root even
-    where nothing can be written)."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".saepipe-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SaepipeError(
-            f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable path"
-        ) from None
+def _not_a_store(path: Path) -> str | None:
+    return "is not a store" if any(path.iterdir()) and not (path / "zarr.json").exists() else None
 
 
 def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:

@@ -170,6 +170,18 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
     )
 
 
+def load_store_model(store: Any, device: str, consequence: str, prefix: str = "") -> LoadedModel:
+    """Load the model that harvested `store` (an ActivationStore), refusing it when its weights are no
+    longer the ones the store was harvested with; `consequence` ends that one-line error."""
+    model = load_model(store.info.model_name, device)
+    if model.fingerprint != store.info.model_fingerprint:
+        raise SaepipeError(
+            f"{prefix}model {store.info.model_name} no longer has the weights store {store.path} was harvested "
+            f"with (fingerprints differ); {consequence}"
+        )
+    return model
+
+
 def _cached_fingerprint(local: Path | None, model: torch.nn.Module, dtype: str) -> str:
     """Hashing 135M weights costs ~1 s; cache it beside checkpoints we converted ourselves."""
     cache = (

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import saepipe
 from saepipe.config import StageConfig, describe_validation_error
 from saepipe.errors import SaepipeError
+from saepipe.files import write_text_atomic
 
 SOURCE_STAGES = ("harvest", "synth")
 STAGES = ("harvest", "synth", "train", "families", "analyze", "evaluate", "recovery", "splitting")
@@ -291,9 +292,7 @@ class Runner:
     def _write_stamp(self, stage: str, stamp: dict) -> None:
         path = self._stamp_path(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True))
-        tmp.replace(path)  # the stamp is the commit: written last, atomically
+        write_text_atomic(path, json.dumps(stamp, indent=1, sort_keys=True))  # the commit: written last
 
     def run(self) -> dict[str, Any]:
         """Run (or skip) every stage in order; return the final outputs."""
