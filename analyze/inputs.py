@@ -44,6 +44,31 @@ def open_inputs(sae_path: str, store_path: str | None, hook: str | None, device:
     return Inputs(sae, store, hook)
 
 
+def load_saes(sae_paths: list[str], store: ActivationStore, device: Any) -> list:
+    """Load SAE dirs that are all read against `store`, each checked against it (width, model)."""
+    saes = [load_sae(p, device=device) for p in sae_paths]
+    for sae, path in zip(saes, sae_paths):
+        SAERecord.of(sae).compatible_with(store, path)
+    return saes
+
+
+def resolve_hook(store: ActivationStore, saes: list, hook: str | None) -> str:
+    """The hook to read: the one given, else the SAEs' common `hook_name`, else the store's only hook."""
+    if hook is None:
+        names = {SAERecord.of(s).hook_name for s in saes}
+        if len(names) == 1 and next(iter(names)) in store.hooks:
+            hook = next(iter(names))
+        elif len(store.hooks) == 1:
+            hook = store.hooks[0]
+        else:
+            raise SaepipeError(
+                f"cannot tell which hook of {store.path} the SAEs read ({sorted(map(str, names))}); give --hook"
+            )
+    if hook not in store.hooks:
+        raise SaepipeError(f"store {store.path} has no hook {hook!r}; it holds: {', '.join(store.hooks)}")
+    return hook
+
+
 def excluded_tokens(sae_cfg: dict, store: ActivationStore) -> list[int]:
     """Token ids whose positions the SAE never trained on (`saepipe train --drop-special`, the default
     since issue 19): the store's BOS/EOS ids plus any --special-token-ids. Evaluation leaves them

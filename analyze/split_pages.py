@@ -149,9 +149,7 @@ def write_split_pages(out: str | Path, report: dict, tops: list[SparseTopN], sto
 
 def tokenizer_decode(store: Any) -> Any:
     """`decode(ids) -> texts` with the tokenizer of the store's model, or None for a store with no model."""
-    from saepipe.analyze.frontier import is_model_store
-
-    if not is_model_store(store):
+    if store.info.is_synthetic:
         return None
     from transformers import AutoTokenizer
 

@@ -73,7 +73,7 @@ def measure(run: Path, store_path: str, args) -> dict:
     """Stability, FVU and dead fraction of the run's two seeds over the first --eval-tokens ordinary
     positions of --eval-store (default: the training store), and seed 0's loss recovered on the text
     that follows --loss-store (default: the training store)."""
-    from saepipe.analyze.frontier import ReconstructionStats, encode_stream
+    from saepipe.analyze.reconstruction import ReconstructionStats, encode_stream
     from saepipe.analyze.stability import stability
     from saepipe.harvest import open_store
     from saepipe.train import load_sae
