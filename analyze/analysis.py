@@ -27,7 +27,8 @@ from saepipe.analyze.stats import collect_stats
 from saepipe.analyze.stats_fast import simple_stats
 from saepipe.errors import SaepipeError
 from saepipe.files import check_out_dir
-from saepipe.harvest.models import load_store_model, resolve_device
+from saepipe.harvest.devices import resolve_device
+from saepipe.harvest.models import load_store_model
 
 
 @dataclass(frozen=True)

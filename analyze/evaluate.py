@@ -40,7 +40,8 @@ from saepipe.analyze.inputs import excluded_tokens, open_inputs
 from saepipe.errors import SaepipeError
 from saepipe.files import write_text_atomic
 from saepipe.harvest.corpus import heldout_contexts
-from saepipe.harvest.models import load_store_model, resolve_device
+from saepipe.harvest.devices import resolve_device
+from saepipe.harvest.models import load_store_model
 from saepipe.train.faithfulness import measure
 from saepipe.train.splice import Observed, Splice
 

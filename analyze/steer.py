@@ -17,7 +17,7 @@ from pathlib import Path
 from saepipe.analyze.config import SteerConfig
 from saepipe.errors import SaepipeError
 from saepipe.files import write_text_atomic
-from saepipe.harvest.models import resolve_device
+from saepipe.harvest.devices import resolve_device
 from saepipe.train import load_sae
 from saepipe.train.splice import Splice, generate, load_model_for
 

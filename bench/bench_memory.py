@@ -45,7 +45,7 @@ def child(kind: str, store: str, device: str, buffer_tokens: int) -> None:
         import torch
 
         from saepipe.analyze.stats import collect_stats
-        from saepipe.harvest.models import resolve_device
+        from saepipe.harvest.devices import resolve_device
         from saepipe.train.saes import build_sae
 
         torch.manual_seed(0)

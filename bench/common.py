@@ -65,7 +65,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def device_of(name: str) -> torch.device:
-    from saepipe.harvest.models import resolve_device
+    from saepipe.harvest.devices import resolve_device
 
     return resolve_device(name)
 

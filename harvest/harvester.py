@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from saepipe.errors import SaepipeError
@@ -31,10 +30,11 @@ from saepipe.harvest.cache import cache_root, locate
 from saepipe.harvest.capture import Capture, Shard
 from saepipe.harvest.config import HarvestConfig
 from saepipe.harvest.corpus import dataset_fingerprint, iter_texts, pack_contexts, shard_tokens
+from saepipe.harvest.devices import RankInfo, rank_device, rank_info
 from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
 from saepipe.harvest.overlap import Behind, ahead
-from saepipe.harvest.ranks import RankInfo, rank_info, write_ranked
+from saepipe.harvest.ranks import write_ranked
 from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, store_exists
 
 
@@ -107,10 +107,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     if cfg.out is not None:
         check_writable(cfg.out)
     ranks = rank_info()
-    device = cfg.device
-    if ranks.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{ranks.local_rank}"  # one GPU per rank
-    model = load_model(cfg.model, device, cfg.model_dtype)
+    model = load_model(cfg.model, rank_device(cfg.device, ranks), cfg.model_dtype)
     resolved = hooklib.resolve_hooks(model.bridge, cfg.hooks)
     if cfg.context_size > model.n_ctx:
         raise SaepipeError(

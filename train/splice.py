@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 from saepipe.errors import SaepipeError
+from saepipe.harvest.devices import resolve_device
 from saepipe.harvest.hooks import resolve_hooks
-from saepipe.harvest.models import LoadedModel, load_model, resolve_device
+from saepipe.harvest.models import LoadedModel, load_model
 from saepipe.train.sae_dir import SAERecord
 from saepipe.train.saes import SAE
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 
 from saepipe.errors import SaepipeError
 from saepipe.files import check_out_dir
-from saepipe.harvest.models import resolve_device
+from saepipe.harvest.devices import resolve_device
 from saepipe.train import checkpoint, distributed, token_norm
 from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
