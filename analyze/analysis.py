@@ -26,7 +26,9 @@ from saepipe.analyze.report import write_report
 from saepipe.analyze.stats import collect_stats
 from saepipe.analyze.stats_fast import simple_stats
 from saepipe.errors import SaepipeError
-from saepipe.harvest.models import load_model, resolve_device
+from saepipe.files import check_out_dir
+from saepipe.harvest.devices import resolve_device
+from saepipe.harvest.models import load_store_model
 
 
 @dataclass(frozen=True)
@@ -63,18 +65,15 @@ REPORT_ENTRIES = {
 def check_out(out: str) -> None:
     """Refuse to scatter a report over a file or an unrelated non-empty directory; a report dir, finished
     or left by a killed run, is rewritten (its temporary `*.partial*` files are dropped first)."""
+    check_out_dir(out, "give a directory for the report", _not_a_report, probe=False)
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise SaepipeError(f"--out {out} is an existing file; give a directory for the report")
-    if not path.is_dir():
-        return
-    foreign = [p.name for p in path.iterdir() if p.name not in REPORT_ENTRIES and ".partial" not in p.name]
-    if foreign:
-        raise SaepipeError(
-            f"--out {out} is a non-empty directory that holds no report (it has {foreign[0]}); choose a new path"
-        )
-    for p in path.rglob("*.partial*"):
+    for p in path.rglob("*.partial*") if path.is_dir() else ():
         p.unlink()
+
+
+def _not_a_report(path: Path) -> str | None:
+    foreign = [p.name for p in path.iterdir() if p.name not in REPORT_ENTRIES and ".partial" not in p.name]
+    return f"holds no report (it has {foreign[0]})" if foreign else None
 
 
 def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
@@ -83,12 +82,12 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     device = resolve_device(cfg.device)
     inp = open_inputs(cfg.sae, cfg.store, cfg.hook, device)
     sae, store = inp.sae, inp.store
-    if store.settings["model"]["name"] == "synthetic":  # written by `saepipe synth`: no model, no logits
+    if store.info.is_synthetic:  # no model, no logits
         raise SaepipeError(
             f"store {store.path} holds synthetic activations (no model for contexts and logit effects); score "
             "the SAE with `saepipe recovery` instead"
         )
-    n_latents = int(sae.cfg["d_sae"])
+    n_latents = sae.d_sae
     simple = simple_stats()
     stats = collect_stats(
         store,
@@ -106,15 +105,10 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         pool_contexts=cfg.score_contexts,
     )
     t_explain = time.perf_counter()
-    first = 1 if store.settings["prepend_bos"] else 0
+    first = store.info.first_position
     table = (explain_and_score if simple else explain_and_score_fast)(stats, first, cfg.score_min_active)
     explain_seconds = time.perf_counter() - t_explain
-    model = load_model(store.settings["model"]["name"], str(device))
-    if model.fingerprint != store.settings["model"]["fingerprint"]:
-        raise SaepipeError(
-            f"model {store.settings['model']['name']} no longer has the weights store {store.path} was harvested "
-            "with (fingerprints differ); logit effects would be wrong"
-        )
+    model = load_store_model(store, str(device), "logit effects would be wrong")
     effects = logit_effects(sae.W_dec.detach(), unembedding_of(model.bridge), cfg.logit_tokens)
     tok = model.tokenizer
     lm = None
@@ -129,7 +123,7 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         "sae_cfg": sae.cfg,
         "store": str(store.path),
         "hook": inp.hook,
-        "model": store.settings["model"]["name"],
+        "model": store.info.model_name,
         "histogram": "log10(activation) of active tokens, fixed edges hist_edges; outside values clipped",
         "explanation": "n-gram explanations scored on held-out contexts; see saepipe.analyze.scoring",
         "interpretability": "token concentration of the top contexts; see saepipe.analyze.ranking",

@@ -19,15 +19,14 @@ in shards, so a 16k-latent report opens as fast as a small one.
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from saepipe.analyze.dashboard_assets import DASHBOARD_CSS, DASHBOARD_JS, INDEX_HTML
 from saepipe.analyze.explain import Explanation, window_keys
 from saepipe.analyze.heldout import SCORED_SLOTS
+from saepipe.analyze.page_assets import write_asset, write_data_script
 from saepipe.analyze.ranking import RANKING_KEYS
 from saepipe.analyze.report import Report
 
@@ -43,13 +42,6 @@ def _b64(a: np.ndarray, dtype: str) -> str:
     return base64.b64encode(
         np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
     ).decode()
-
-
-def _script(path: Path, call: str, *args: Any) -> None:
-    body = ", ".join(json.dumps(a, ensure_ascii=False, separators=(",", ":"), allow_nan=False) for a in args)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(f"SAEPIPE.{call}({body});\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def _finite(a: np.ndarray) -> list:
@@ -93,8 +85,8 @@ def write_dashboard(report_dir: str | Path) -> Path:
     root = Path(report_dir)
     (root / "assets").mkdir(exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
-    (root / "assets" / "dashboard.js").write_text(DASHBOARD_JS, encoding="utf-8")
-    (root / "assets" / "dashboard.css").write_text(DASHBOARD_CSS, encoding="utf-8")
+    write_asset(root, "assets/dashboard.js", "dashboard.js")
+    write_asset(root, "assets/dashboard.css", "dashboard.css")
 
     L = rep.n_latents
     columns: dict[str, Any] = {
@@ -132,8 +124,8 @@ def write_dashboard(report_dir: str | Path) -> Path:
         "hist_edges": rep.arrays["hist_edges"].tolist(),
         "columns": columns,
     }
-    _script(root / "data" / "index.js", "setIndex", index)
-    _script(root / "data" / "vocab.js", "setVocab", {str(k): v for k, v in rep.vocab.items()})
+    write_data_script(root / "data" / "index.js", "setIndex", index)
+    write_data_script(root / "data" / "vocab.js", "setVocab", {str(k): v for k, v in rep.vocab.items()})
 
     a = rep.arrays
     for s in range(0, L, SHARD_SIZE):
@@ -153,7 +145,9 @@ def write_dashboard(report_dir: str | Path) -> Path:
                     "bottom_values": _finite(a["logit_bottom_values"][i]),
                 },
             }
-        _script(root / "data" / f"shard_{s // SHARD_SIZE:05d}.js", "setShard", s // SHARD_SIZE, shard)
+        write_data_script(
+            root / "data" / f"shard_{s // SHARD_SIZE:05d}.js", "setShard", s // SHARD_SIZE, shard
+        )
     index_html = root / "index.html"
-    index_html.write_text(INDEX_HTML, encoding="utf-8")  # last: the page exists only once its data does
+    write_asset(root, "index.html", "index.html")  # last: the page exists only once its data does
     return index_html

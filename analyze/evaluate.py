@@ -29,7 +29,6 @@ prediction is identical in all three runs and is left out).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,8 +38,10 @@ from tqdm import tqdm
 from saepipe.analyze.config import EvaluateConfig
 from saepipe.analyze.inputs import excluded_tokens, open_inputs
 from saepipe.errors import SaepipeError
+from saepipe.files import write_text_atomic
 from saepipe.harvest.corpus import heldout_contexts
-from saepipe.harvest.models import load_model, resolve_device
+from saepipe.harvest.devices import resolve_device
+from saepipe.harvest.models import load_store_model
 from saepipe.train.faithfulness import measure
 from saepipe.train.splice import Observed, Splice
 
@@ -103,20 +104,15 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
     device = resolve_device(cfg.device)
     inp = open_inputs(cfg.sae, cfg.store, None, device)
     sae, store = inp.sae, inp.store
-    if store.settings["model"]["name"] == "synthetic":  # written by `saepipe synth`
+    if store.info.is_synthetic:
         raise SaepipeError(
             f"store {store.path} holds synthetic activations (no model to splice into); evaluate an SAE trained "
             "on a harvested store, or score this one with `saepipe recovery`"
         )
-    model = load_model(store.settings["model"]["name"], str(device))
-    if model.fingerprint != store.settings["model"]["fingerprint"]:
-        raise SaepipeError(
-            f"model {store.settings['model']['name']} no longer has the weights store {store.path} was harvested "
-            "with (fingerprints differ); cannot evaluate the SAE on it"
-        )
+    model = load_store_model(store, str(device), "cannot evaluate the SAE on it")
     tokens = heldout_contexts(store, model.tokenizer, cfg.contexts, cfg.dataset)
-    sums = _Sums(int(sae.cfg["d_in"]), int(sae.cfg["d_sae"]), device)
-    skip_bos = bool(store.settings["prepend_bos"])  # the store put BOS at position 0: leave it untouched
+    sums = _Sums(sae.d_in, sae.d_sae, device)
+    skip_bos = store.info.prepend_bos  # the store put BOS at position 0: leave it untouched
     splice = Splice(sae, hook=inp.hook, observe=sums.observe)
     with tqdm(total=len(tokens), unit="ctx", desc="evaluate", disable=not progress) as bar:
         (f,) = measure(
@@ -144,7 +140,4 @@ def evaluate(cfg: EvaluateConfig, progress: bool = True) -> EvalResult:
 def save_result(result: EvalResult, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".partial{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(result), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(asdict(result), indent=2) + "\n")

@@ -27,9 +27,11 @@ from saepipe.analyze.families_cmd import (
     write_tradeoff,
 )
 from saepipe.analyze.family_stats import FamilyStats, LatentStats
-from saepipe.analyze.frontier import ReconstructionStats, check_compatible, encode_stream, resolve_hook
+from saepipe.analyze.inputs import resolve_hook
 from saepipe.analyze.merge import fit_directions, merged_tensors, write_merged
+from saepipe.analyze.reconstruction import ReconstructionStats, encode_stream
 from saepipe.analyze.recovery import cosine_matrix
+from saepipe.analyze.spliced import wanted_spliced
 from saepipe.analyze.splitting import cofiring, link_latents
 from saepipe.errors import SaepipeError
 
@@ -37,19 +39,20 @@ from saepipe.errors import SaepipeError
 def _load(cfg: FamiliesConfig) -> tuple[Any, Any, list, list, str]:
     from saepipe.harvest import open_store
     from saepipe.train import load_sae
+    from saepipe.train.sae_dir import SAERecord
 
     store = open_store(cfg.store)
     wide = load_sae(cfg.sae, device=cfg.device)
     ladder = sorted(((load_sae(p, device=cfg.device), p) for p in cfg.ladder), key=lambda t: t[0].d_sae)
     baselines = [(load_sae(p, device=cfg.device), p) for p in cfg.baselines]
     for sae, path in [(wide, cfg.sae), *ladder, *baselines]:
-        check_compatible(path, sae.cfg, store)
+        SAERecord.of(sae).compatible_with(store, path)
     check_family_inputs(
         wide, cfg.sae, {p: (s, "ladder") for s, p in ladder} | {p: (s, "baseline") for s, p in baselines}
     )
     if len({s.d_sae for s, _ in ladder}) != len(ladder):
         raise SaepipeError("two --ladder SAEs have the same width; give one SAE per width")
-    hook = resolve_hook(store, [wide.cfg], cfg.hook)
+    hook = resolve_hook(store, [wide], cfg.hook)
     k = wide.k if wide.architecture == "topk" else None
     for c in cfg.cuts():
         w = c.get("width")
@@ -73,7 +76,7 @@ def build_report(cfg: FamiliesConfig, progress: bool = True) -> dict:
     store, wide, ladder, baselines, hook = _load(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    m, d = wide.d_sae, int(wide.cfg["d_in"])
+    m, d = wide.d_sae, wide.d_in
     decoder = wide.W_dec.detach().float().cpu().numpy()
     b_dec = wide.b_dec.detach().float().cpu().numpy()
     pairs = candidate_pairs(decoder, cfg.candidate_cos)
@@ -195,9 +198,11 @@ def build_report(cfg: FamiliesConfig, progress: bool = True) -> dict:
         bar.update(len(batch.x))
     bar.close()
 
-    spliced = _spliced(
-        cfg, store, [cfg.sae, *paths, *(p for _, p in ladder), *(p for _, p in baselines)], progress
-    )
+    got = wanted_spliced(
+        cfg.loss_recovered, store, cfg.store, [cfg.sae, *paths, *(p for _, p in ladder), *(p for _, p in baselines)],
+        cfg.eval_contexts, cfg.eval_batch_size, cfg.device, progress,
+    )  # fmt: skip
+    spliced = {p: {"loss_recovered": v["loss_recovered"], "kl": v["kl"]} for p, v in got.items()}
     tradeoff = [_row(cfg.sae, "wide", wide, recon[0], spliced)]
     for k, (p, path) in enumerate(zip(plans, paths)):
         tradeoff.append(
@@ -269,21 +274,6 @@ def _col(m: sp.spmatrix) -> np.ndarray:
 def _row(path: str, role: str, sae: Any, r: ReconstructionStats, spliced: dict) -> dict:
     return {"name": Path(path).name, "role": role, "architecture": sae.architecture, "d_sae": sae.d_sae,
             "l0": r.l0, "fvu": r.fvu, "path": path} | spliced.get(path, {})  # fmt: skip
-
-
-def _spliced(cfg: FamiliesConfig, store: Any, paths: list[str], progress: bool) -> dict[str, dict]:
-    from saepipe.analyze.frontier import is_model_store, spliced_metrics
-
-    want = is_model_store(store) if cfg.loss_recovered is None else cfg.loss_recovered
-    if not want:
-        return {}
-    if not is_model_store(store):
-        raise SaepipeError(
-            f"store {cfg.store} was not harvested from a model (synthetic or hand-made): there is no model to "
-            "splice the SAEs into; drop --loss-recovered"
-        )
-    got = spliced_metrics(paths, cfg.store, cfg.eval_contexts, cfg.eval_batch_size, cfg.device, progress)
-    return {p: {"loss_recovered": v["loss_recovered"], "kl": v["kl"]} for p, v in got.items()}
 
 
 def _cut_report(

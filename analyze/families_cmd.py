@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from saepipe.config import StageConfig
 from saepipe.errors import SaepipeError
+from saepipe.files import write_text_atomic
 
 
 class FamiliesConfig(StageConfig):
@@ -133,21 +134,17 @@ def merged_dirs(cfg: FamiliesConfig) -> dict[str, str]:
 def check_family_inputs(wide: Any, wide_path: str, others: dict[str, Any]) -> None:
     """Refuse ladder or baseline SAEs of another model, hook or input width, and a ladder SAE that is not
     narrower than the wide one."""
+    from saepipe.train.sae_dir import SAERecord
 
-    def source(cfg: dict) -> set:
-        rec = (cfg.get("saepipe") or {}).get("store") or []
-        rec = [rec] if isinstance(rec, dict) else rec
-        return {r.get("model_fingerprint") for r in rec} - {None}
-
+    w = SAERecord.of(wide)
     for path, (sae, role) in others.items():
-        if sae.cfg.get("hook_name") != wide.cfg.get("hook_name") or int(sae.cfg["d_in"]) != int(
-            wide.cfg["d_in"]
-        ):
+        r = SAERecord.of(sae)
+        if (r.hook_name, r.d_in) != (w.hook_name, w.d_in):
             raise SaepipeError(
-                f"{role} SAE {path} reads {sae.cfg.get('hook_name')} (d_in {sae.cfg['d_in']}) but --sae {wide_path} "
-                f"reads {wide.cfg.get('hook_name')} (d_in {wide.cfg['d_in']}); give SAEs of the same hook"
+                f"{role} SAE {path} reads {r.hook_name} (d_in {r.d_in}) but --sae {wide_path} "
+                f"reads {w.hook_name} (d_in {w.d_in}); give SAEs of the same hook"
             )
-        a, b = source(sae.cfg), source(wide.cfg)
+        a, b = r.model_fingerprints, w.model_fingerprints
         if a and b and not (a & b):
             raise SaepipeError(
                 f"{role} SAE {path} was trained on another model's activations than --sae {wide_path}; give SAEs "
@@ -219,9 +216,7 @@ def write_tradeoff(rows: list[dict], path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=float))
 
 
 def median(values: list[float]) -> float | None:

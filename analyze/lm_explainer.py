@@ -233,7 +233,7 @@ def explain_with_lm(
     client: LMClient | None = None,
 ) -> dict[str, Any]:
     """Explain and score `latents` with the model `cfg.explainer`; the report's lm_* columns [L]."""
-    from saepipe.harvest.models import resolve_device
+    from saepipe.harvest.devices import resolve_device
 
     client = client or LMClient(
         cfg.explainer, resolve_device(cfg.device), cfg.explainer_batch, cfg.explainer_cache

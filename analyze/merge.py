@@ -33,6 +33,7 @@ from safetensors.numpy import load_file, save_file
 from saepipe.analyze.families import MergedDecoder
 from saepipe.analyze.family_stats import weight_matrix
 from saepipe.errors import SaepipeError
+from saepipe.files import write_atomic
 
 FAMILIES_FILE = "families.safetensors"
 MERGED_ARCHITECTURE = {
@@ -117,11 +118,8 @@ def write_merged(
             sae.set_tensor(name, torch.from_numpy(value))
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"family": md.family.astype(np.int64), "weight": md.weight.astype(np.float32)},
-        str(path / (FAMILIES_FILE + ".partial")),
-    )
-    (path / (FAMILIES_FILE + ".partial")).replace(path / FAMILIES_FILE)
+    families = {"family": md.family.astype(np.int64), "weight": md.weight.astype(np.float32)}
+    write_atomic(path / FAMILIES_FILE, lambda tmp: save_file(families, str(tmp)))
     top = {key: cfg[key] for key in ("context_size", "prepend_bos", "dataset_path") if key in cfg}
     own = cfg.get("saepipe") or {}
     saepipe = {"store": own.get("store", []), "merged": {"source": str(Path(wide_path).resolve()), **info}}
@@ -156,7 +154,9 @@ def load_exact(path: str | Path, device: str = "cpu") -> ExactMerged:
 
     path = Path(path)
     merged = load_sae(path, device=device)
-    info = (merged.cfg.get("saepipe") or {}).get("merged")
+    from saepipe.train.sae_dir import SAERecord
+
+    info = SAERecord.of(merged).merged
     if not info or not (path / FAMILIES_FILE).is_file():
         raise SaepipeError(
             f"{path} is not a merged SAE dir (no saepipe.merged in cfg.json or no {FAMILIES_FILE})"

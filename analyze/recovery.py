@@ -364,20 +364,22 @@ def score_recovery(cfg: RecoveryConfig, progress: bool = True) -> RecoveryReport
     """Stream the store through the SAE and score it against the synthetic set's truth."""
     from tqdm import tqdm
 
-    from saepipe.analyze.frontier import check_compatible, encode_stream, resolve_hook
+    from saepipe.analyze.inputs import resolve_hook
+    from saepipe.analyze.reconstruction import encode_stream
     from saepipe.harvest import open_store
     from saepipe.harvest.synthetic import open_truth
     from saepipe.train import load_sae
+    from saepipe.train.sae_dir import SAERecord
 
     truth = open_truth(cfg.truth)
     store = open_store(cfg.store or truth.store_path)
-    if store.settings["model"]["fingerprint"] != truth.fingerprint:
+    if store.info.model_fingerprint != truth.fingerprint:
         raise SaepipeError(
             f"store {store.path} was not generated from the synthetic set {cfg.truth}; give its store"
         )
     sae = load_sae(cfg.sae, device=cfg.device)
-    check_compatible(cfg.sae, sae.cfg, store)
-    hook = resolve_hook(store, [sae.cfg], None)
+    SAERecord.of(sae).compatible_with(store, cfg.sae)
+    hook = resolve_hook(store, [sae], None)
     acc = RecoveryAccumulator(truth.directions, truth.parent, sae.W_dec.detach().float().cpu().numpy())
     T = store.context_size
     total = min(store.n_tokens, cfg.max_tokens or store.n_tokens)

@@ -35,7 +35,6 @@ Layout of REPORT_DIR (open formats only):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from saepipe.analyze.ranking import RANKING_KEYS, classify, order, peak_tokens, 
 from saepipe.analyze.scoring import Scores
 from saepipe.analyze.stats import HIST_EDGES, WINDOW_AFTER, WINDOW_BEFORE, ContextSet, LatentStats
 from saepipe.errors import SaepipeError
+from saepipe.files import write_atomic, write_text_atomic
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
 HELDOUT_SHOWN = 8
@@ -137,7 +137,7 @@ def write_report(
         columns["explanation"] = explanations.texts(lambda t: vocab.get(t, f"<{t}>") if t >= 0 else "")
         columns.update({k: v for k, v in explanations.scores.items() if k != "score"})
     columns.update(lm or {})
-    _atomic(out / "latents.parquet", lambda p: pq.write_table(pa.table(columns), p))
+    write_atomic(out / "latents.parquet", lambda p: pq.write_table(pa.table(columns), str(p)))
 
     arrays = {
         **_context_arrays("top", stats.top),
@@ -151,12 +151,12 @@ def write_report(
         "logit_bottom_ids": effects.bottom_ids,
         "logit_bottom_values": effects.bottom_values,
     }
-    _atomic(
+    write_atomic(
         out / "arrays.safetensors",
-        lambda p: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, p),
+        lambda p: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(p)),
     )
     text = json.dumps({str(k): v for k, v in vocab.items()}, ensure_ascii=False)
-    _atomic(out / "vocab.json", lambda p: Path(p).write_text(text))
+    write_text_atomic(out / "vocab.json", text)
 
     full = {
         **meta,
@@ -179,7 +179,7 @@ def write_report(
         "n_dead": int(dead.sum()),
         "n_dense": int(dense.sum()),
     }
-    _atomic(out / "report.json", lambda p: Path(p).write_text(json.dumps(full, indent=2)))
+    write_text_atomic(out / "report.json", json.dumps(full, indent=2))
     return out
 
 
@@ -203,13 +203,6 @@ def _context_arrays(prefix: str, cs: ContextSet) -> dict[str, np.ndarray]:
         f"{prefix}_acts_index": index.astype(np.int64),
         f"{prefix}_acts_value": acts[index],
     }
-
-
-def _atomic(path: Path, write: Any) -> None:
-    """Write to a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".partial{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 class Report:

@@ -35,7 +35,6 @@ import json
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -223,47 +222,24 @@ class SplittingConfig(StageConfig):
         return self
 
 
-def _spliced(cfg: SplittingConfig, store: Any, paths: list[str], progress: bool) -> dict[str, dict]:
-    """Loss recovered per SAE when asked for (or by default on a model's store); {} otherwise."""
-    from saepipe.analyze.frontier import is_model_store, spliced_metrics
-
-    want = is_model_store(store) if cfg.loss_recovered is None else cfg.loss_recovered
-    if not want:
-        return {}
-    if not is_model_store(store):
-        raise SaepipeError(
-            f"store {cfg.store} was not harvested from a model (synthetic or hand-made): there is no model to "
-            "splice the SAEs into; drop --loss-recovered"
-        )
-    return spliced_metrics(paths, cfg.store, cfg.eval_contexts, cfg.eval_batch_size, cfg.device, progress)
-
-
 def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     """Stream the store twice through the ladder; write splits.json and the frontier into `cfg.out`."""
     from tqdm import tqdm
 
-    from saepipe.analyze.frontier import (
-        ReconstructionStats,
-        check_compatible,
-        encode_stream,
-        point,
-        resolve_hook,
-        write_frontier,
-    )
-    from saepipe.analyze.inputs import excluded_tokens
+    from saepipe.analyze.frontier import point, write_frontier
+    from saepipe.analyze.inputs import excluded_tokens, load_saes, resolve_hook
+    from saepipe.analyze.reconstruction import ReconstructionStats, encode_stream
+    from saepipe.analyze.spliced import wanted_spliced
     from saepipe.analyze.split_pages import SparseTopN, tokenizer_decode, write_split_pages
     from saepipe.analyze.stability import baseline_for, identity, one_way, seed_groups, stability, verdict
     from saepipe.harvest import open_store
-    from saepipe.train import load_sae
 
     if not cfg.saes:
         raise SaepipeError("give at least one --saes SAE_DIR")
     store = open_store(cfg.store)
-    loaded = sorted(((load_sae(p, device=cfg.device), p) for p in cfg.saes), key=lambda pair: pair[0].d_sae)
+    loaded = sorted(zip(load_saes(cfg.saes, store, cfg.device), cfg.saes), key=lambda pair: pair[0].d_sae)
     saes, paths = [s for s, _ in loaded], [p for _, p in loaded]
-    for sae, path in loaded:
-        check_compatible(path, sae.cfg, store)
-    hook = resolve_hook(store, [s.cfg for s in saes], cfg.hook)
+    hook = resolve_hook(store, saes, cfg.hook)
     # Edges: each ladder SAE to the next wider one, then each same-width seed pair (the baseline).
     ladder, pairs = seed_groups([identity(s) for s in saes])
     edges = [*pairwise(ladder), *pairs]
@@ -295,7 +271,16 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
                 sibs[e] = s if sibs[e] is None else sibs[e] + s
             bar.update(len(batch.x))
     bar.close()
-    spliced = _spliced(cfg, store, paths, progress)
+    spliced = wanted_spliced(
+        cfg.loss_recovered,
+        store,
+        cfg.store,
+        paths,
+        cfg.eval_contexts,
+        cfg.eval_batch_size,
+        cfg.device,
+        progress,
+    )
     points = [
         point(p, s.architecture, s.d_sae, r, k=s.k, **spliced.get(p, {}))
         for s, p, r in zip(saes, paths, recon)

@@ -118,7 +118,9 @@ def one_way(dec_a: np.ndarray, dec_b: np.ndarray, fires_a: np.ndarray | None, th
 
 def identity(sae: Any) -> dict:
     """What two replicates share: saepipe's architecture, width, k and training budget (a loaded SAE)."""
-    training = (sae.cfg.get("saepipe") or {}).get("training") or {}
+    from saepipe.train.sae_dir import SAERecord
+
+    training = SAERecord.of(sae).training
     return {
         "architecture": sae.architecture,
         "d_sae": int(sae.d_sae),

@@ -417,7 +417,7 @@ def collect_stats(
     `StatsAccumulator`; `pool_contexts`: how many contexts, spread over the analyzed ones, keep their
     whole codes (`LatentStats.pool`).
     """
-    first = 1 if store.settings["prepend_bos"] else 0
+    first = store.info.first_position
     P = store.context_size - first
     total = store.n_contexts * P if max_tokens is None else min(max_tokens, store.n_contexts * P)
     pool = spread_contexts(-(-total // P), pool_contexts)

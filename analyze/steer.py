@@ -11,13 +11,13 @@ The model is the SAE's own (refused when its weights differ from those the SAE w
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from saepipe.analyze.config import SteerConfig
 from saepipe.errors import SaepipeError
-from saepipe.harvest.models import resolve_device
+from saepipe.files import write_text_atomic
+from saepipe.harvest.devices import resolve_device
 from saepipe.train import load_sae
 from saepipe.train.splice import Splice, generate, load_model_for
 
@@ -82,7 +82,7 @@ def run(cfg: SteerConfig) -> int:
     if cfg.out:
         path = Path(cfg.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".partial{os.getpid()}")
-        tmp.write_text(json.dumps({**asdict(result), "sae": cfg.sae, "scale": cfg.scale}, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(
+            path, json.dumps({**asdict(result), "sae": cfg.sae, "scale": cfg.scale}, indent=2) + "\n"
+        )
     return 0

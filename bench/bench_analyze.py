@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from bench.common import WORK, append_result, device_of, harvested_store, machine, parser, sync
+from bench.common import WORK, device_of, harvested_store, parser, record, sync
 
 HOOK = "blocks.3.hook_resid_post"
 
@@ -121,16 +121,15 @@ def main() -> None:
     print(f"explanations:  {explain_s:.1f} s alone; in the whole command {res.explain_seconds:.1f} s of "
           f"{whole_s:.1f} s ({100 * share:.0f}%; target <= 20%); ties {res.n_tied} of {res.n_ranked} ranked")  # fmt: skip
     print(f"saepipe analyze (whole command): {whole:,.0f} tok/s ({whole / dense:.2f}x dense encoder)")
-    if not args.no_record:
-        append_result(
-            "analysis",
-            f"default model {HOOK}, {n:,} tokens, TopK width {width}",
-            f"encoder alone {dense:,.0f} tok/s dense, {sparse:,.0f} sparse; stats pass {stats_pass:,.0f}; "
-            f"whole analyze {whole:,.0f} ({whole_s:.1f} s, explanations {res.explain_seconds:.1f} s)",
-            f"stats pass {stats_pass / dense:.2f}x dense encoder, {stats_pass / sparse:.2f}x sparse (target >= 0.9); "
-            f"explanations {100 * share:.0f}% of analyze (target <= 20%)",
-            device=machine(args.device),
-        )
+    record(
+        args,
+        "analysis",
+        f"default model {HOOK}, {n:,} tokens, TopK width {width}",
+        f"encoder alone {dense:,.0f} tok/s dense, {sparse:,.0f} sparse; stats pass {stats_pass:,.0f}; "
+        f"whole analyze {whole:,.0f} ({whole_s:.1f} s, explanations {res.explain_seconds:.1f} s)",
+        f"stats pass {stats_pass / dense:.2f}x dense encoder, {stats_pass / sparse:.2f}x sparse (target >= 0.9); "
+        f"explanations {100 * share:.0f}% of analyze (target <= 20%)",
+    )
 
 
 if __name__ == "__main__":

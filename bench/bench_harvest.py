@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import append_result, machine, parser, sync
+from bench.common import parser, record, sync
 from saepipe.harvest import hooks as hooklib
 from saepipe.harvest import open_store
 from saepipe.harvest.config import HarvestConfig
@@ -206,9 +206,8 @@ def main() -> None:
         rows.append(("harvest vs SAELens, two hooks", f"{setting}; + {args.hook2}",
                      f"saepipe one pass {rate2:,.0f} tok/s; SAELens two runs {sl2:,.0f} tok/s",
                      f"{median(ratios['sl2']):.2f}x (per repeat {spread('sl2')}; target >= 2)"))  # fmt: skip
-    if not args.no_record:
-        for row in rows:
-            append_result(*row, device=machine(device))
+    for row in rows:
+        record(args, *row, device=device)
 
 
 if __name__ == "__main__":

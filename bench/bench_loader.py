@@ -15,7 +15,7 @@ import time
 import torch
 
 from bench.bench_train import saepipe_step
-from bench.common import append_result, best_seconds, device_of, machine, parser, sync, synthetic_store
+from bench.common import best_seconds, device_of, parser, record, sync, synthetic_store
 
 
 def loader_rate(store: str, batch: int, buffer_tokens: int, n_batches: int, device: torch.device) -> float:
@@ -57,15 +57,14 @@ def main() -> None:
     )
     print(f"trainer (TopK width {width}, k 32): {consumed:,.0f} tok/s")
     print(f"loader / trainer: {ratio:.1f}x (target >= 3x)")
-    if not args.no_record:
-        append_result(
-            "loader headroom",
-            f"synthetic store {tokens:,} tokens fp16 d 576, batch {args.batch}, buffer {buffer_tokens:,}; "
-            f"trainer TopK width {width}",
-            f"loader {delivered:,.0f} tok/s; trainer {consumed:,.0f} tok/s",
-            f"{ratio:.1f}x (target >= 3)",
-            device=machine(args.device),
-        )
+    record(
+        args,
+        "loader headroom",
+        f"synthetic store {tokens:,} tokens fp16 d 576, batch {args.batch}, buffer {buffer_tokens:,}; "
+        f"trainer TopK width {width}",
+        f"loader {delivered:,.0f} tok/s; trainer {consumed:,.0f} tok/s",
+        f"{ratio:.1f}x (target >= 3)",
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 
-from bench.common import WORK, append_result, machine, parser, peak_rss_mb, synthetic_store
+from bench.common import WORK, parser, peak_rss_mb, record, synthetic_store
 
 BUFFER_TOKENS = {False: 65_536, True: 16_384}
 """Loader mixing buffer by --quick (several windows of it are in memory at once); every store is larger."""
@@ -45,7 +45,7 @@ def child(kind: str, store: str, device: str, buffer_tokens: int) -> None:
         import torch
 
         from saepipe.analyze.stats import collect_stats
-        from saepipe.harvest.models import resolve_device
+        from saepipe.harvest.devices import resolve_device
         from saepipe.train.saes import build_sae
 
         torch.manual_seed(0)
@@ -87,16 +87,15 @@ def main() -> None:
             f"store), {peaks[kind, 4 * small]:,.0f} MiB at {4 * small:,} ({store_mb[4 * small]:,.0f} MiB); "
             f"growth {growth[kind]:.2f}x (flat = 1.00)"
         )
-    if not args.no_record:
-        append_result(
-            "memory, store grows 4x",
-            f"synthetic fp16 d 576 stores {small:,} and {4 * small:,} tokens ({store_mb[small]:,.0f} / "
-            f"{store_mb[4 * small]:,.0f} MiB), buffer {BUFFER_TOKENS[args.quick]:,}; one epoch each",
-            f"train peak RSS {peaks['train', small]:,.0f} -> {peaks['train', 4 * small]:,.0f} MiB; analysis "
-            f"stats pass {peaks['analyze', small]:,.0f} -> {peaks['analyze', 4 * small]:,.0f} MiB",
-            f"train {growth['train']:.2f}x, analysis {growth['analyze']:.2f}x (target: flat, ~1.0x)",
-            device=machine(args.device),
-        )
+    record(
+        args,
+        "memory, store grows 4x",
+        f"synthetic fp16 d 576 stores {small:,} and {4 * small:,} tokens ({store_mb[small]:,.0f} / "
+        f"{store_mb[4 * small]:,.0f} MiB), buffer {BUFFER_TOKENS[args.quick]:,}; one epoch each",
+        f"train peak RSS {peaks['train', small]:,.0f} -> {peaks['train', 4 * small]:,.0f} MiB; analysis "
+        f"stats pass {peaks['analyze', small]:,.0f} -> {peaks['analyze', 4 * small]:,.0f} MiB",
+        f"train {growth['train']:.2f}x, analysis {growth['analyze']:.2f}x (target: flat, ~1.0x)",
+    )
 
 
 def argparse_hidden() -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import append_result, best_seconds, device_of, machine, parser
+from bench.common import best_seconds, device_of, parser, record
 
 HOOK = "blocks.3.hook_resid_post"
 
@@ -58,8 +58,7 @@ def main() -> None:
     ratio += f", generation steered {gen['steered'] / gen['clean']:.2f}x (time vs clean)"
     setting = f"default model {HOOK}, TopK width {width}, batch {batch}x{ctx}, {new_tokens} generated tokens"
     print(f"{setting}\n{figures}\n{ratio}")
-    if not args.no_record:
-        append_result("splice overhead", setting, figures, ratio, machine(args.device))
+    record(args, "splice overhead", setting, figures, ratio)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import WORK, append_result, machine, parser
+from bench.common import WORK, parser, record
 
 TREATMENTS = ("raw", "special", "outliers", "token_norm")
 
@@ -73,7 +73,7 @@ def measure(run: Path, store_path: str, args) -> dict:
     """Stability, FVU and dead fraction of the run's two seeds over the first --eval-tokens ordinary
     positions of --eval-store (default: the training store), and seed 0's loss recovered on the text
     that follows --loss-store (default: the training store)."""
-    from saepipe.analyze.frontier import ReconstructionStats, encode_stream
+    from saepipe.analyze.reconstruction import ReconstructionStats, encode_stream
     from saepipe.analyze.stability import stability
     from saepipe.harvest import open_store
     from saepipe.train import load_sae
@@ -160,18 +160,17 @@ def main() -> None:
                 )
                 print(row + f"  <- {run.name}, measured in {time.perf_counter() - t0:.0f} s", flush=True)
                 rows.append((n_store, tokens, treatment, m, seconds))
-    if not args.no_record:
-        for n_store, tokens, treatment, m, seconds in rows:
-            append_result(
-                "seed stability",
-                f"TopK w{args.width} k{args.k}, store {n_store:,} tok, {tokens:,} training tok, {treatment}, "
-                f"batch {args.batch_size}, lr {args.lr:g}, dead window {args.dead_window:,}",
-                f"agreement {m['agreement']:.1%} (weighted {m['weighted']:.1%}, random {m['baseline']:.1%}); "
-                f"FVU {m['fvu']:.3f}, dead {m['dead']:.1%}, loss recovered {m.get('loss_recovered', float('nan')):.3f}; "
-                f"train {seconds:.0f} s",
-                f"{m['agreement'] / 0.5:.2f}x the 50% target",
-                device=machine(args.device),
-            )
+    for n_store, tokens, treatment, m, seconds in rows:
+        record(
+            args,
+            "seed stability",
+            f"TopK w{args.width} k{args.k}, store {n_store:,} tok, {tokens:,} training tok, {treatment}, "
+            f"batch {args.batch_size}, lr {args.lr:g}, dead window {args.dead_window:,}",
+            f"agreement {m['agreement']:.1%} (weighted {m['weighted']:.1%}, random {m['baseline']:.1%}); "
+            f"FVU {m['fvu']:.3f}, dead {m['dead']:.1%}, loss recovered {m.get('loss_recovered', float('nan')):.3f}; "
+            f"train {seconds:.0f} s",
+            f"{m['agreement'] / 0.5:.2f}x the 50% target",
+        )
 
 
 if __name__ == "__main__":

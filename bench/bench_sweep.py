@@ -15,7 +15,7 @@ import shutil
 import time
 
 from bench.bench_loader import loader_rate
-from bench.common import WORK, append_result, device_of, machine, parser, synthetic_store
+from bench.common import WORK, device_of, parser, record, synthetic_store
 
 
 def run(store: str, widths: list[int], tokens: int, device: str, out: str) -> float:
@@ -57,14 +57,13 @@ def main() -> None:
         f"data cost (loader alone over {tokens:,} tokens): {data:.1f} s per run; saved {total - one_pass:.1f} s"
     )
     print(f"one pass / separate runs: {ratio:.2f} (target: well under 1)")
-    if not args.no_record:
-        append_result(
-            "width sweep, one pass",
-            f"TopK k 32, widths {'/'.join(map(str, widths))}, {tokens:,} tokens, batch 4096, synthetic d 576",
-            f"one pass {one_pass:.1f} s vs {n} runs {total:.1f} s; data cost {data:.1f} s per run",
-            f"{ratio:.2f} of separate runs; saved {total - one_pass:.1f} s (target: well under 1)",
-            device=machine(args.device),
-        )
+    record(
+        args,
+        "width sweep, one pass",
+        f"TopK k 32, widths {'/'.join(map(str, widths))}, {tokens:,} tokens, batch 4096, synthetic d 576",
+        f"one pass {one_pass:.1f} s vs {n} runs {total:.1f} s; data cost {data:.1f} s per run",
+        f"{ratio:.2f} of separate runs; saved {total - one_pass:.1f} s (target: well under 1)",
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import append_result, machine, parser
+from bench.common import parser, record
 from saepipe.analyze.frontier import as_row, measure_frontier
 from saepipe.analyze.recovery_table import frontier_metrics, recovery_table
 
@@ -85,15 +85,15 @@ def main() -> None:
         )
     checks = targets(table.data["rows"], args.baseline, args.k)
     print("\n".join(checks))
-    if not args.no_record:
-        best = max(table.data["rows"], key=lambda r: r["all"])
-        append_result(
-            "synthbench recovery",
-            f"{len(saes)} SAEs on {args.store}",
-            f"best {best['name']}: {best['all']:.3f} recovered, MCC {best['mcc']:.3f}",
-            "; ".join(checks),
-            machine("cpu"),
-        )
+    best = max(table.data["rows"], key=lambda r: r["all"])
+    record(
+        args,
+        "synthbench recovery",
+        f"{len(saes)} SAEs on {args.store}",
+        f"best {best['name']}: {best['all']:.3f} recovered, MCC {best['mcc']:.3f}",
+        "; ".join(checks),
+        device="cpu",
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from bench.common import append_result, best_seconds, device_of, machine, parser, peak_matmul_flops
+from bench.common import best_seconds, device_of, machine, parser, peak_matmul_flops, record
 
 
 class ReferenceTopK:
@@ -119,17 +119,16 @@ def main() -> None:
             print(f"  {name:15s} {r:10,.0f} tok/s   MFU {mfu[name]:6.1%}")
         print(f"  {'FLOP bound':15s} {bound:10,.0f} tok/s   ({flops / 1e6:.2f} MFLOP/token)")
         print(f"  saepipe / reference: {speedup:.2f}x (target >= 1.3x); MFU {mfu['saepipe']:.1%}")
-        if not args.no_record:
-            append_result(
-                "trainer throughput",
-                f"TopK d_in {args.d_in}, width {width}, k {args.k}, batch {batch}",
-                f"saepipe {rates['saepipe']:,.0f} tok/s, reference {rates['reference']:,.0f}, "
-                f"saepipe dense {rates['saepipe dense']:,.0f}, encoder matmul alone "
-                f"{rates['encoder matmul']:,.0f}; FLOP bound {bound:,.0f} (peak {peak / 1e9:,.0f} GFLOP/s)",
-                f"{speedup:.2f}x reference (target >= 1.3); MFU {mfu['saepipe']:.0%} "
-                f"(reference {mfu['reference']:.0%}, matmul alone {mfu['encoder matmul']:.0%})",
-                device=machine(args.device),
-            )
+        record(
+            args,
+            "trainer throughput",
+            f"TopK d_in {args.d_in}, width {width}, k {args.k}, batch {batch}",
+            f"saepipe {rates['saepipe']:,.0f} tok/s, reference {rates['reference']:,.0f}, "
+            f"saepipe dense {rates['saepipe dense']:,.0f}, encoder matmul alone "
+            f"{rates['encoder matmul']:,.0f}; FLOP bound {bound:,.0f} (peak {peak / 1e9:,.0f} GFLOP/s)",
+            f"{speedup:.2f}x reference (target >= 1.3); MFU {mfu['saepipe']:.0%} "
+            f"(reference {mfu['reference']:.0%}, matmul alone {mfu['encoder matmul']:.0%})",
+        )
 
 
 if __name__ == "__main__":

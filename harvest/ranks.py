@@ -28,23 +28,12 @@ from tqdm import tqdm
 
 from saepipe.harvest.capture import Capture, Shard
 from saepipe.harvest.corpus import shard_tokens
+from saepipe.harvest.devices import RankInfo
 from saepipe.harvest.lease import Lease
 from saepipe.harvest.overlap import Behind, ahead
 from saepipe.harvest.store import StoreWriter, shard_stats
 
 PENDING = ".pending"
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    rank: int
-    world: int
-    local_rank: int
-
-
-def rank_info() -> RankInfo:
-    env = os.environ
-    return RankInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
 def shards_for_rank(first: int, n_shards: int, rank: int, world: int) -> list[int]:

@@ -25,6 +25,8 @@ contexts are committed; readers trust only this prefix), `complete`, `stats` per
 non-BOS positions (`count`, `mean` [d_model], `mean_sq_norm`), and, once complete, `norms` per hook: the
 norm distribution and its outlier positions, tokens and dimensions (saepipe.harvest.norms documents it).
 
+Later stages read `settings` through `ActivationStore.info`, a typed view (saepipe.harvest.store_settings).
+
 Writes are whole shards, each followed by a metadata commit, so a killed writer leaves a store that claims
 no more than it holds and resumes at the first uncommitted shard.
 
@@ -50,6 +52,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from saepipe.errors import SaepipeError
 from saepipe.harvest.lease import Lease
+from saepipe.harvest.store_settings import StoreSettings
 
 FORMAT = "saepipe.activations"
 SCHEMA_VERSION = 2
@@ -144,6 +147,8 @@ class ActivationStore:
         self.path = path
         self.meta: dict[str, Any] = meta
         self.settings: dict[str, Any] = meta.get("settings") or {}
+        self.info = StoreSettings.from_dict(self.settings)
+        """The settings as a typed view (`is_synthetic`, `model_fingerprint`, `first_position`, ...)."""
         self.storage_options = storage_options
         self._files: set[str] | None = None
         self._check_layout()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from tqdm import tqdm
 
 from saepipe.config import StageConfig
 from saepipe.errors import SaepipeError
+from saepipe.files import check_out_dir, write_atomic
 from saepipe.harvest.store import StoreWriter, n_contexts_for
 from saepipe.harvest.synth_bench import BenchFeatures
 from saepipe.harvest.synth_bench import make_features as bench_features
@@ -245,10 +245,8 @@ def _public_config(cfg: SynthConfig) -> dict:
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
+def _not_a_synthetic_set(path: Path) -> str | None:
+    return "is not a synthetic set" if {p.name for p in path.iterdir()} - {"truth", "store"} else None
 
 
 def _shard_codes_path(truth: Path, shard: int) -> Path:
@@ -280,8 +278,8 @@ def _write_truth(
     arrays = {k: getattr(features, k) for k in ("directions", "frequencies", "parent", "group")}
     if np.any(features.bias):
         arrays["bias"] = features.bias
-    _write_atomic(truth / "features.safetensors", lambda p: save_file(arrays, str(p)))
-    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    write_atomic(truth / "features.safetensors", lambda p: save_file(arrays, str(p)))
+    write_atomic(cfg_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
 @dataclass(frozen=True)
@@ -297,12 +295,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     """Generate (or resume) the synthetic store and its truth dir under `cfg.out`."""
     t0 = time.perf_counter()
     out = Path(cfg.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise SaepipeError(f"--out {cfg.out} is an existing file; give a directory")
-    if out.is_dir() and {p.name for p in out.iterdir()} - {"truth", "store"}:
-        raise SaepipeError(
-            f"--out {cfg.out} is a non-empty directory that is not a synthetic set; choose a new path"
-        )
+    check_out_dir(cfg.out, "give a directory", _not_a_synthetic_set, probe=False)
     features = make_features(cfg)
     truth = out / "truth"
     truth.mkdir(parents=True, exist_ok=True)
@@ -329,7 +322,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> SynthResult:
             "value": coo.data.astype(np.float32),
         }
         path = _shard_codes_path(truth, start // shard_contexts)
-        _write_atomic(path, lambda p, a=arrays: save_file(a, str(p)))
+        write_atomic(path, lambda p, a=arrays: save_file(a, str(p)))
         tokens = _token_hints(codes).reshape(n_ctx, T)
         acts_store = acts.reshape(n_ctx, T, cfg.d_model).astype(cfg.dtype)
         writer.write_shard(start, tokens, {HOOK: acts_store}, first_pos=0)

@@ -14,6 +14,9 @@ its inputs (for a harvest, the dataset's fingerprint too) and where its outputs 
 reuses the harvest; a stage whose settings or inputs changed is redone (its old outputs under `out` are
 removed first); `--force STAGE` redoes one regardless. Harvests land in the shared cache unless
 `harvest.out` is set, so pipelines that need the same store find it there.
+
+What each stage is to a pipeline (config, how it connects to earlier outputs, how it runs) is declared in
+`saepipe.stages`; the runner iterates over those declarations.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import copy
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,19 +34,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import saepipe
 from saepipe.config import StageConfig, describe_validation_error
 from saepipe.errors import SaepipeError
+from saepipe.files import write_text_atomic
+from saepipe.stages import BY_NAME, DECLARED, STAGES, load
 
-SOURCE_STAGES = ("harvest", "synth")
-STAGES = ("harvest", "synth", "train", "families", "analyze", "evaluate", "recovery", "splitting")
-CONFIGS = {
-    "harvest": "saepipe.harvest.config:HarvestConfig",
-    "synth": "saepipe.harvest.synthetic:SynthConfig",
-    "train": "saepipe.train.config:TrainConfig",
-    "families": "saepipe.analyze.families_cmd:FamiliesConfig",
-    "analyze": "saepipe.analyze.config:AnalyzeConfig",
-    "evaluate": "saepipe.analyze.config:EvaluateConfig",
-    "recovery": "saepipe.analyze.recovery:RecoveryConfig",
-    "splitting": "saepipe.analyze.splitting:SplittingConfig",
-}
+SOURCE_STAGES = tuple(s.name for s in DECLARED if s.source)
 
 
 class PipelineSpec(BaseModel):
@@ -67,6 +60,9 @@ class PipelineSpec(BaseModel):
     splitting: dict[str, Any] | None = None
 
 
+assert set(STAGES) <= set(PipelineSpec.model_fields), "every declared stage is a pipeline section"
+
+
 class PipelinesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pipelines: dict[str, PipelineSpec]
@@ -79,22 +75,12 @@ class RunConfig(StageConfig):
     """Pipelines file (default: ./pipelines.yaml, else the one shipped with saepipe)."""
     set: list[str] = Field(default_factory=list)
     """Override one field, e.g. --set train.k=64 --set harvest.tokens=50000 (values are YAML)."""
-    only: (
-        Literal["harvest", "synth", "train", "families", "analyze", "evaluate", "recovery", "splitting"]
-        | None
-    ) = None
+    only: Literal[STAGES] | None = None  # type: ignore[valid-type]
     """Run only this stage (the ones before it must have run)."""
     force: list[str] = Field(default_factory=list)
     """Redo this stage even if its outputs are up to date; repeatable."""
     dry_run: bool = False
     """Print what would run and the resolved settings, then stop."""
-
-
-def _load(ref: str) -> Any:
-    import importlib
-
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def default_pipelines_file() -> Path:
@@ -204,7 +190,7 @@ class Runner:
         return f"{self.path}: pipeline {self.name!r}" + (f": {stage}" if stage else "")
 
     def build(self, stage: str, filled: dict[str, Any]) -> StageConfig:
-        cls = _load(CONFIGS[stage])
+        cls = load(BY_NAME[stage].config)
         try:
             return cls(**{**filled, **self.sections[stage]})
         except ValidationError as e:
@@ -223,59 +209,11 @@ class Runner:
 
     def predicted(self, stage: str, ctx: dict[str, Any]) -> dict[str, Any]:
         """The outputs a stage will have, as far as they are known before it runs."""
-        if stage == "harvest":
-            h = self.build("harvest", {})
-            return {"store": h.out or "<store in the cache>", "hook": h.hooks[0]}
-        if stage == "synth":
-            from saepipe.harvest.synthetic import HOOK
-
-            s = self.build("synth", {"out": str(self.out / "synth")})
-            return {"store": f"{s.out}/store", "truth": s.out, "hook": HOOK}
-        if stage == "train":
-            t = self.configs("train", ctx)[0][1]
-            return {"sae_dirs": {s.name: str(Path(t.out) / s.name) for s in t.specs()}}
-        if stage == "families":
-            from saepipe.analyze.families_cmd import merged_dirs
-
-            return {"sae_dirs": {**ctx["sae_dirs"], **merged_dirs(self.configs("families", ctx)[0][1])}}
-        return {}
+        return BY_NAME[stage].predicted(self, ctx)
 
     def configs(self, stage: str, ctx: dict[str, Any]) -> list[tuple[str, StageConfig]]:
         """(label, config) for each run of `stage`; analysis stages run once per trained SAE."""
-        out, store = self.out, ctx.get("store")
-        if stage in SOURCE_STAGES:
-            return [(stage, self.build(stage, {"out": str(out / "synth")} if stage == "synth" else {}))]
-        if stage == "train":
-            return [
-                (
-                    "train",
-                    self.build("train", {"stores": [store], "hook": ctx["hook"], "out": str(out / "train")}),
-                )
-            ]
-        saes: dict[str, str] = ctx["sae_dirs"]
-        if stage == "families":
-            widths = {s.name: s.width for s in self.configs("train", ctx)[0][1].specs()}
-            widest = max(saes, key=lambda n: widths.get(n, 0))
-            fill = {"sae": saes[widest], "baselines": [d for n, d in saes.items() if n != widest]}
-            return [("families", self.build(stage, {**fill, "store": store, "out": str(out / stage)}))]
-        if stage == "splitting":
-            return [
-                (
-                    "splitting",
-                    self.build(stage, {"saes": list(saes.values()), "store": store, "out": str(out / stage)}),
-                )
-            ]
-        fill: Callable[[str, str], dict[str, Any]] = {
-            "analyze": lambda n, d: {"sae": d, "store": store, "out": str(out / "analyze" / n)},
-            "evaluate": lambda n, d: {"sae": d, "store": store, "out": str(out / "evaluate" / f"{n}.json")},
-            "recovery": lambda n, d: {
-                "sae": d,
-                "truth": ctx.get("truth"),
-                "store": store,
-                "out": str(out / "recovery" / f"{n}.json"),
-            },
-        }[stage]
-        return [(name, self.build(stage, fill(name, d))) for name, d in saes.items()]
+        return BY_NAME[stage].configs(self, ctx)
 
     # --- running -------------------------------------------------------------------------------------
 
@@ -291,9 +229,7 @@ class Runner:
     def _write_stamp(self, stage: str, stamp: dict) -> None:
         path = self._stamp_path(stage)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True))
-        tmp.replace(path)  # the stamp is the commit: written last, atomically
+        write_text_atomic(path, json.dumps(stamp, indent=1, sort_keys=True))  # the commit: written last
 
     def run(self) -> dict[str, Any]:
         """Run (or skip) every stage in order; return the final outputs."""
@@ -303,10 +239,9 @@ class Runner:
         for stage in self.stages:
             configs = self.configs(stage, ctx)
             want = {"configs": [c.model_dump(mode="json") for _, c in configs], "inputs": _digest(ctx)}
-            if stage == "harvest":  # the text itself, not just the dataset's name: an edited corpus is redone
-                from saepipe.harvest.corpus import dataset_fingerprint
-
-                want["dataset"] = dataset_fingerprint(configs[0][1].dataset)
+            declared = BY_NAME[stage]
+            if declared.want_extra is not None:
+                want.update(declared.want_extra(configs))
             stamp = self._read_stamp(stage)
             done = stamp is not None and stamp.get("status") == "done"
             fresh = done and stamp["want"] == want and _outputs_exist(stamp["outputs"])
@@ -323,7 +258,7 @@ class Runner:
                 continue
             # A harvest stamped before dataset fingerprints (issue 16): redoing it unasked could replace the
             # later stages' outputs, trusting it could serve an edited corpus, so the user decides.
-            legacy = stage == "harvest" and done and "dataset" not in stamp["want"]
+            legacy = done and not set(want) <= set(stamp["want"])
             if legacy and stage not in self.cfg.force and not self.cfg.dry_run:
                 raise SaepipeError(
                     f"{self.where(stage)}: its harvest was stamped before saepipe fingerprinted datasets, so "
@@ -343,15 +278,15 @@ class Runner:
                 self._clear_owned(stage)
             # A "running" stamp with the same settings lets a killed stage resume on rerun, not restart.
             self._write_stamp(stage, {"want": want, "status": "running"})
-            outputs = EXECUTE[stage](configs)
-            outputs["digest"] = _output_digest(stage, outputs)
+            outputs = declared.execute(configs)
+            outputs["digest"] = _output_digest(declared.source, outputs)
             self._write_stamp(stage, {"want": want, "status": "done", "outputs": outputs})
             ctx = {**ctx, **outputs}
         return ctx
 
     def _clear_owned(self, stage: str) -> None:
         """Remove old outputs of a stage that is being redone, where the runner chose their place."""
-        if stage == "harvest" or "out" in self.sections[stage]:
+        if not BY_NAME[stage].owns_out or "out" in self.sections[stage]:
             return  # cached stores are keyed by their settings; user-chosen paths are left alone
         shutil.rmtree(self.out / stage, ignore_errors=True)
         self._stamp_path(stage).unlink(missing_ok=True)
@@ -366,9 +301,9 @@ def _outputs_exist(outputs: dict[str, Any]) -> bool:
     return all(Path(p).exists() for p in paths)
 
 
-def _output_digest(stage: str, outputs: dict[str, Any]) -> str:
+def _output_digest(source: bool, outputs: dict[str, Any]) -> str:
     """What downstream stages depend on: the store's metadata, or the SAE weights."""
-    if "store" in outputs and stage in SOURCE_STAGES:
+    if "store" in outputs and source:
         from saepipe.harvest import open_store
 
         return _digest(open_store(outputs["store"]).meta)
@@ -377,94 +312,12 @@ def _output_digest(stage: str, outputs: dict[str, Any]) -> str:
     return _digest(outputs)
 
 
-def _run_harvest(configs: list) -> dict[str, Any]:
-    from saepipe.harvest.cli import summary
-    from saepipe.harvest.harvester import harvest
-
-    ((_, cfg),) = configs
-    res = harvest(cfg)
-    print(summary(res))
-    return {"store": res.path, "hook": cfg.hooks[0]}
-
-
-def _run_synth(configs: list) -> dict[str, Any]:
-    from saepipe.harvest.synthetic import HOOK, run
-
-    ((_, cfg),) = configs
-    run(cfg)
-    return {"store": f"{cfg.out}/store", "truth": cfg.out, "hook": HOOK}
-
-
-def _run_train(configs: list) -> dict[str, Any]:
-    from saepipe.train.cli import run
-
-    ((_, cfg),) = configs
-    run(cfg)
-    return {"sae_dirs": {s.name: str(Path(cfg.out) / s.name) for s in cfg.specs()}}
-
-
-def _run_families(configs: list) -> dict[str, Any]:
-    """One families run; its merged dirs join the SAEs the later stages work on."""
-    from saepipe.analyze.families_cmd import merged_dirs, run
-
-    ((_, cfg),) = configs
-    run(cfg)
-    given = {Path(p).name: p for p in [cfg.sae, *cfg.ladder, *cfg.baselines]}
-    saes = dict(sorted({**given, **merged_dirs(cfg)}.items()))  # the order a stamp gives back (sorted keys)
-    return {"sae_dirs": saes, "files": [str(Path(cfg.out) / "families.json")]}
-
-
-def _each(runner: str, out_key: str) -> Callable[[list], dict[str, Any]]:
-    def execute(configs: list) -> dict[str, Any]:
-        fn = _load(runner)
-        for _, cfg in configs:
-            fn(cfg)
-        return {"files": [str(getattr(cfg, out_key)) for _, cfg in configs]}
-
-    return execute
-
-
-def _run_recovery(configs: list) -> dict[str, Any]:
-    """Score every SAE, then one table of recovery by frequency decile across them (with L0 and FVU)."""
-    from saepipe.analyze.frontier import as_row, measure_frontier
-    from saepipe.analyze.recovery import run
-    from saepipe.analyze.recovery_table import frontier_metrics, load_reports, recovery_table
-
-    for _, cfg in configs:
-        run(cfg)
-    first = configs[0][1]
-    points = measure_frontier([c.sae for _, c in configs], first.store, max_tokens=first.max_tokens)
-    from saepipe.analyze.merge import label_merged
-
-    metrics = label_merged(frontier_metrics([as_row(p) for p in points]), {n: c.sae for n, c in configs})
-    table = recovery_table(load_reports({name: c.out for name, c in configs}), metrics)
-    out = Path(first.out).parent
-    (out / "table.md").write_text(table.markdown + "\n")
-    (out / "table.json").write_text(table.json())
-    print(
-        f"\nrecovery by feature frequency (rarest decile first), also in {out / 'table.md'}:\n{table.markdown}"
-    )
-    return {"files": [str(c.out) for _, c in configs] + [str(out / "table.md")]}
-
-
-EXECUTE: dict[str, Callable[[list], dict[str, Any]]] = {
-    "harvest": _run_harvest,
-    "synth": _run_synth,
-    "train": _run_train,
-    "families": _run_families,
-    "analyze": _each("saepipe.analyze.cli:run", "out"),
-    "evaluate": _each("saepipe.analyze.cli:run_evaluate", "out"),
-    "recovery": _run_recovery,
-    "splitting": _each("saepipe.analyze.splitting:run", "out"),
-}
-
-
 def run(cfg: RunConfig) -> int:
     runner = Runner(cfg)
     outputs = runner.run()
     if cfg.dry_run:
         return 0
-    for stage in ("analyze", "splitting"):
+    for stage in (s.name for s in DECLARED if s.pages):
         if stage in runner.sections and not cfg.only:
             for path in runner._read_stamp(stage)["outputs"]["files"]:
                 page = Path(path) / "index.html"

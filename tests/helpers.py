@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +10,40 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from saepipe.cli import main
 from saepipe.harvest import open_store
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (a store, an SAE dir, a run dir), by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def committed(store: Path) -> int:
+    """Contexts a store's manifest says are committed, read straight from zarr.json (-1: none yet)."""
+    try:
+        return json.loads((store / "zarr.json").read_text())["attributes"]["saepipe"]["n_contexts"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without progress-bar frames (tqdm redraws with \\r; a terminal shows only the last)."""
+    parts = (p.strip() for line in err.split("\n") for p in line.split("\r"))
+    return [p for p in parts if p and not (("%|" in p and "/s]" in p) or p.endswith("?tok/s]"))]
+
+
+def one_line(argv: list[str], capsys) -> str:
+    """Run the CLI in process, expecting a refusal: exit 2 and one line on stderr, no traceback."""
+    assert main(argv) == 2
+    raw = capsys.readouterr().err
+    lines = error_lines(raw.replace("saepipe ", "\rsaepipe ", 1))  # a bar's last frame may precede the line
+    assert len(lines) == 1 and "Traceback" not in raw, raw
+    return lines[0]
 
 
 def write_relu_sae(

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import chromium_missing, write_relu_sae
+from helpers import chromium_driver, chromium_missing, write_relu_sae
 
 from saepipe.analyze.report import MARK_CLOSE, MARK_OPEN, Report
 from saepipe.cli import main
@@ -160,16 +160,7 @@ def browser(tmp_path_factory):
     reason = chromium_missing()
     if reason:
         pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"):  # fmt: skip
-        opts.add_argument(arg)
-    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    opts.binary_location = shutil.which("chromium")
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    driver = chromium_driver(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 

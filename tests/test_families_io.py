@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import chromium_missing, write_relu_sae
+from helpers import chromium_driver, chromium_missing, write_relu_sae
 from test_families import FAMILY_P, D, _narrow, _wide, world  # noqa: F401  (world is a fixture)
 
 from saepipe.cli import main
@@ -127,8 +127,6 @@ def test_family_page_in_a_real_browser(tmp_path, world):  # noqa: F811
     reason = chromium_missing()
     if reason:
         pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -150,13 +148,7 @@ def test_family_page_in_a_real_browser(tmp_path, world):  # noqa: F811
         progress=False,
     )  # fmt: skip
     fam = next(f for f in rep["cuts"][0]["families"] if sorted(m["latent"] for m in f["members"]) == FAMILY_P)
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        opts.add_argument(arg)
-    opts.binary_location = shutil.which("chromium")
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    driver = chromium_driver(tmp_path / "profile")
     try:
         wait = WebDriverWait(driver, 20)
         driver.get((out / "index.html").as_uri())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import committed, tree_digest
 
 from saepipe.cli import main
 from saepipe.harvest import open_store
@@ -42,21 +42,6 @@ def _config(argv: list[str]) -> HarvestConfig:
     return HarvestConfig(**values)
 
 
-def _tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _committed(store: Path) -> int:
-    try:
-        return json.loads((store / "zarr.json").read_text())["attributes"]["saepipe"]["n_contexts"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
-
-
 def test_kill_and_resume_is_byte_identical(tmp_path, tiny_model_dir, small_corpus):
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
     harvest(_config(_args(tiny_model_dir, small_corpus, ref)), progress=False)
@@ -67,21 +52,21 @@ def test_kill_and_resume_is_byte_identical(tmp_path, tiny_model_dir, small_corpu
     for kill_after in (8, 64, 120):  # committed contexts at which to kill -9 (target: 200)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while proc.poll() is None and _committed(resumed) < kill_after and time.monotonic() < deadline:
+        while proc.poll() is None and committed(resumed) < kill_after and time.monotonic() < deadline:
             time.sleep(0.005)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert _committed(resumed) < 200, "the run finished before it could be killed"
+        assert committed(resumed) < 200, "the run finished before it could be killed"
     assert kills == 3
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert open_store(str(resumed)).n_contexts == 200
-    assert _tree_digest(resumed) == _tree_digest(ref)
+    assert tree_digest(resumed) == tree_digest(ref)
 
 
 def test_rerun_of_finished_store_does_nothing(tiny_store, tiny_model_dir, small_corpus, capsys):
-    before = _tree_digest(tiny_store)
+    before = tree_digest(tiny_store)
     argv = [
         "harvest", "--model", str(tiny_model_dir), "--dataset", str(small_corpus),
         "--hook", "blocks.0.hook_resid_post", "--hook", "blocks.1.hook_resid_post",
@@ -90,7 +75,7 @@ def test_rerun_of_finished_store_does_nothing(tiny_store, tiny_model_dir, small_
     ]  # fmt: skip
     assert main(argv) == 0
     assert "already complete" in capsys.readouterr().out
-    assert _tree_digest(tiny_store) == before
+    assert tree_digest(tiny_store) == before
 
 
 def _fails(argv: list[str], capsys) -> str:
@@ -101,11 +86,11 @@ def _fails(argv: list[str], capsys) -> str:
 
 
 def test_different_settings_are_refused(tiny_store, tiny_model_dir, small_corpus, capsys):
-    before = _tree_digest(tiny_store)
+    before = tree_digest(tiny_store)
     argv = _args(tiny_model_dir, small_corpus, tiny_store, **{"--tokens": "1280", "--context-size": "32"})
     err = _fails([*argv, "--hook", "blocks.1.hook_resid_post", "--dtype", "float16"], capsys)
     assert "dtype='float32', not 'float16'" in err
-    assert _tree_digest(tiny_store) == before
+    assert tree_digest(tiny_store) == before
 
 
 @pytest.mark.parametrize(

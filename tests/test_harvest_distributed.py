@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from test_harvest import _args, _config, _tree_digest
+from helpers import tree_digest
+from test_harvest import _args, _config
 
 from saepipe.harvest import open_store
 from saepipe.harvest.harvester import harvest
@@ -31,4 +32,4 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, small_corpus):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert open_store(str(two)).n_contexts == 200
     assert not (two / ".pending").exists()
-    assert _tree_digest(two) == _tree_digest(one)
+    assert tree_digest(two) == tree_digest(one)

@@ -8,7 +8,6 @@ byte-identical. `pipelines.yaml` cases belong with `saepipe run` and are not her
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 import subprocess
@@ -17,19 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import tree_digest
 
 from saepipe.cli import main
 
 HOOK = "blocks.1.hook_resid_post"
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under `root` (a store, an SAE dir, a run dir), by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @dataclass

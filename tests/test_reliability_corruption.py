@@ -8,13 +8,13 @@ the group metadata.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_line, tree_digest
 
 from saepipe.cli import main
 from saepipe.errors import SaepipeError
@@ -23,14 +23,6 @@ from saepipe.harvest import open_store
 H0, H1 = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
 KEY = "0123456789abcdef0123-40"  # a cache entry name (the cache never checks it against the settings)
 SHARD1 = f"activations/{H0}/c/1/0/0"  # contexts [8, 16): chunks [8, 12) and [12, 16)
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def harvest_argv(model: Path, corpus: Path, out: Path) -> list[str]:
@@ -61,20 +53,6 @@ DAMAGE = {
     "flip-tokens": (lambda s: flip(s / "tokens/c/2/0", 50), "tokens/c/2/0", "[16, 20)", "[16, 20)"),
     "delete-tokens-shard": (lambda s: (s / "tokens/c/0/0").unlink(), "tokens/c/0/0", "[0, 8)", "[0, 4)"),
 }  # fmt: skip
-
-
-def error_line(err: str) -> list[str]:
-    """stderr without progress-bar frames (tqdm redraws with \r; a terminal shows only the last)."""
-    parts = (p.strip() for line in err.split("\n") for p in line.split("\r"))
-    return [p for p in parts if p and not (("%|" in p and "/s]" in p) or p.endswith("?tok/s]"))]
-
-
-def one_line(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
-    raw = capsys.readouterr().err
-    lines = error_line(raw.replace("saepipe ", "\rsaepipe ", 1))  # a bar's last frame may precede the line
-    assert len(lines) == 1 and "Traceback" not in raw, raw
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ stays resumable: after freeing space the same command finishes, identical to a r
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_line, tree_digest
 from safetensors.numpy import load_file
 
 from saepipe.cli import main
@@ -34,22 +34,6 @@ def small_disk(tmp_path):
         yield disk, lambda size: _mount(disk, size, remount=True)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def one_line(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = [x for x in err.strip().splitlines() if "error:" in x]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("size", ["200k", "450k"])

@@ -9,7 +9,6 @@ would cost 3-5 s each); the forkserver itself never runs a model, so forking it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from helpers import committed, tree_digest
 from safetensors.numpy import load_file
 
 H1 = "blocks.1.hook_resid_post"
@@ -80,21 +80,6 @@ def kill_at(argv: list[str], ready: Callable[[], bool], delay: float = 0.0, time
     p.join()
     assert p.exitcode == -signal.SIGKILL
     return True
-
-
-def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not any(s in str(p.relative_to(root)) for s in skip)
-    }
-
-
-def committed(store: Path) -> int:
-    try:
-        return json.loads((store / "zarr.json").read_text())["attributes"]["saepipe"]["n_contexts"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
 
 
 def test_harvest_killed_many_times_ends_byte_identical(tmp_path, tiny_model_dir, small_corpus):

@@ -10,20 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from helpers import one_line
 from safetensors.numpy import load_file, save_file
 
-from saepipe.cli import main
 from saepipe.train.loader import assign_chunks
 
 H1 = "blocks.1.hook_resid_post"
-
-
-def one_line(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    line = [x for x in err.strip().splitlines() if "error:" in x]
-    assert len(line) == 1 and "Traceback" not in err, err
-    return line[0]
 
 
 def all_finite(ckpt: Path) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import chromium_missing
+from helpers import chromium_driver, chromium_missing
 from safetensors.numpy import save_file
 
 from saepipe.analyze.splitting import SplittingConfig, build_report, cofiring, link_latents
@@ -289,10 +289,7 @@ def test_split_page_in_a_real_browser(tmp_path, world):
     reason = chromium_missing()
     if reason:
         pytest.skip(reason)
-    import shutil
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -306,13 +303,7 @@ def test_split_page_in_a_real_browser(tmp_path, world):
         ),
         progress=False,
     )
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        opts.add_argument(arg)
-    opts.binary_location = shutil.which("chromium")
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    driver = chromium_driver(tmp_path / "profile")
     try:
         wait = WebDriverWait(driver, 20)
         driver.get((out / "index.html").as_uri())

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import one_line
 
 from saepipe.analyze.config import SteerConfig
 from saepipe.analyze.steer import steer
@@ -35,13 +36,6 @@ def write_sae(path, store_path, d_in: int = 64, fingerprint: str | None = None):
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory, tiny_store):
     return write_sae(tmp_path_factory.mktemp("steer") / "sae", tiny_store)
-
-
-def one_line(argv, capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def test_steer_prints_both_continuations_reproducibly(sae_dir, tmp_path, capsys):

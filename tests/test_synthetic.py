@@ -4,7 +4,6 @@ frequencies, hierarchy, correlation and magnitudes; deterministic, and byte-iden
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import committed
 
 from saepipe.cli import main
 from saepipe.harvest import open_store
@@ -141,13 +141,6 @@ def test_deterministic_and_seeded(tmp_path, synth):
     assert fingerprint_of(other) != open_truth(str(synth)).fingerprint
 
 
-def _committed(store: Path) -> int:
-    try:
-        return json.loads((store / "zarr.json").read_text())["attributes"]["saepipe"]["n_contexts"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
-
-
 def test_kill_and_resume_is_byte_identical(tmp_path):
     opts = {**SMALL, "tokens": 51200, "contexts_per_chunk": 4, "chunks_per_shard": 2}  # 200 shards
     ref, resumed = tmp_path / "ref", tmp_path / "resumed"
@@ -159,14 +152,14 @@ def test_kill_and_resume_is_byte_identical(tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while (
-            proc.poll() is None and _committed(resumed / "store") < kill_after and time.monotonic() < deadline
+            proc.poll() is None and committed(resumed / "store") < kill_after and time.monotonic() < deadline
         ):
             time.sleep(0.002)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert _committed(resumed / "store") < 1600, "the run finished before it could be killed"
+        assert committed(resumed / "store") < 1600, "the run finished before it could be killed"
     assert kills == 3
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert _digest(resumed) == _digest(ref)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from saepipe.files import write_text_atomic
 from saepipe.train import distributed
 from saepipe.train.loader import StreamPosition
 from saepipe.train.saes import SAE
@@ -128,6 +129,4 @@ def mark_complete(out: Path) -> None:
     path = out / DIR / "state.json"
     state = json.loads(path.read_text())
     state["complete"] = True
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(state, indent=2))

@@ -1,4 +1,5 @@
-"""The only module that touches torch.distributed: rank info, print0, and reductions.
+"""The only module that touches torch.distributed: process group, print0, and reductions (rank and device
+come from saepipe.harvest.devices, which harvest shares).
 
 Every function works unchanged in a single process (no process group): reductions return their input.
 The same `saepipe train` command runs under any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK /
@@ -24,12 +25,13 @@ launcher that sets MASTER_ADDR/MASTER_PORT gets a process group even with one ra
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from saepipe.harvest.devices import rank_device, rank_info
 
 
 @dataclass(frozen=True)
@@ -53,22 +55,13 @@ def backend_for(device: torch.device) -> str:
 
 def init(device: str = "auto") -> DistInfo:
     """Read the launcher's environment; start the process group under a launcher (or with several ranks)."""
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    launched = world > 1 or (
-        "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ and "RANK" in os.environ
-    )
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and launched:
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)
+    ranks = rank_info()
+    dev = torch.device(rank_device(device, ranks))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if launched and not dist.is_initialized():
+    if ranks.launched and not dist.is_initialized():
         dist.init_process_group(backend=backend_for(dev), device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank, local_rank, world, dev)
+    return DistInfo(ranks.rank, ranks.local_rank, ranks.world, dev)
 
 
 def active() -> bool:

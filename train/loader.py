@@ -131,7 +131,7 @@ class ActivationLoader:
                 f"the stores hold {len(self.chunks)} chunks, fewer than the {world} ranks; use fewer "
                 "processes or harvest with a smaller --contexts-per-chunk"
             )
-        self.first_pos = [1 if (drop_bos and s.settings["prepend_bos"]) else 0 for s in self.stores]
+        self.first_pos = [s.info.first_position if drop_bos else 0 for s in self.stores]
         self.special = [
             np.asarray(sorted({*s.special_token_ids, *special_token_ids}) if drop_special else [], np.int64)
             for s in self.stores

@@ -27,7 +27,7 @@ import torch
 
 from saepipe.errors import SaepipeError
 from saepipe.harvest.corpus import heldout_contexts
-from saepipe.harvest.models import load_model
+from saepipe.harvest.models import load_store_model
 from saepipe.train.config import TrainConfig
 from saepipe.train.faithfulness import measure
 from saepipe.train.sae_dir import folded
@@ -60,21 +60,15 @@ class Monitor:
         self.hook = cfg.hook
         if not self.every:
             return
-        model_name = store.settings["model"]["name"]
-        if model_name == "synthetic":  # written by `saepipe synth`
+        if store.info.is_synthetic:
             raise SaepipeError(
                 f"--eval-every: store {store.path} holds synthetic activations, with no model to splice into; "
                 "train without --eval-every"
             )
-        model = load_model(model_name, str(device))
-        if model.fingerprint != store.settings["model"]["fingerprint"]:
-            raise SaepipeError(
-                f"--eval-every: model {model_name} no longer has the weights store {store.path} was harvested "
-                "with (fingerprints differ); train without --eval-every"
-            )
+        model = load_store_model(store, str(device), "train without --eval-every", prefix="--eval-every: ")
         self.bridge = model.bridge
         self.tokens: np.ndarray = heldout_contexts(store, model.tokenizer, cfg.eval_contexts)
-        self.skip_bos = bool(store.settings["prepend_bos"])
+        self.skip_bos = store.info.prepend_bos
         # positions the SAEs never trained on stay unspliced, as `saepipe evaluate` leaves them (issue 19)
         self.skip_tokens = (
             sorted({*store.special_token_ids, *cfg.special_token_ids}) if cfg.drop_special else []

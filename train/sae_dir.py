@@ -58,6 +58,9 @@ Format version 1 (saepipe before SAELens interop) kept `architecture` in saepipe
 level with `k` and `matryoshka_prefixes` beside it and no `saepipe.architecture`; `load_sae` still reads
 it (those dirs load in SAELens only for topk and jumprelu).
 
+Later stages ask their questions of a loaded dir through `SAERecord.of(sae)` (width, hook, training
+stores and model fingerprints, `compatible_with(store)`), never through cfg.json's keys.
+
 Semantics, for raw activations x [..., d_in]:
     pre = (x - b_dec) @ W_enc + b_enc
     relu: relu(pre); topk and token-selection matryoshka: the k largest of relu(pre) per token, others 0;
@@ -72,8 +75,8 @@ b_dec / s (b_enc and threshold unchanged), which gives the same code and reconst
 from __future__ import annotations
 
 import json
-import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saepipe.errors import SaepipeError
+from saepipe.files import write_atomic, write_text_atomic
 from saepipe.train import token_norm
 from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 
@@ -216,25 +220,66 @@ def save_sae(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = sae_cfg(sae, hook_name, model_name, input_scale, **extra)
-    tmp = path / (WEIGHTS + ".partial")
-    save_file(sae_tensors(sae, input_scale), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / WEIGHTS)
-    tmp = path / (CFG + ".partial")
-    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-    os.replace(tmp, path / CFG)
+    tensors = sae_tensors(sae, input_scale)
+    write_atomic(path / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_text_atomic(path / CFG, json.dumps(cfg, indent=2) + "\n")
     return path
 
 
-def recorded_stores(cfg: dict) -> list[dict]:
-    """The training-store records of a loaded cfg.json ({path, model_fingerprint, hook} each); format 1 dirs
-    may hold one dict instead of a list, hand-written ones none."""
-    records = (cfg.get("saepipe") or {}).get("store") or []
-    return [records] if isinstance(records, dict) else list(records)
+@dataclass(frozen=True)
+class SAERecord:
+    """A typed view of a loaded cfg.json: what later stages ask of an SAE dir (`SAERecord.of(sae)`)."""
 
+    d_in: int
+    d_sae: int
+    hook_name: str | None
+    model_name: str | None
+    stores: tuple[dict, ...]
+    """The training stores, {path, model_fingerprint, hook} each (format 1 dirs may hold one dict,
+    hand-written ones none)."""
+    training: dict
+    """The resolved training settings (empty for a dir saepipe did not train)."""
+    merged: dict | None
+    """`saepipe families`' record of the wide SAE a merged dir came from; None for any other SAE."""
 
-def model_fingerprints(cfg: dict) -> set[str]:
-    """Fingerprints of the model(s) whose activations trained the SAE (empty when none is recorded)."""
-    return {r.get("model_fingerprint") for r in recorded_stores(cfg)} - {None}
+    @classmethod
+    def of(cls, sae_or_cfg: Any) -> SAERecord:
+        cfg = sae_or_cfg if isinstance(sae_or_cfg, dict) else sae_or_cfg.cfg
+        own = cfg.get("saepipe") or {}
+        records = own.get("store") or []
+        return cls(
+            d_in=int(cfg["d_in"]),
+            d_sae=int(cfg["d_sae"]),
+            hook_name=cfg.get("hook_name"),
+            model_name=cfg.get("model_name"),
+            stores=tuple([records] if isinstance(records, dict) else records),
+            training=own.get("training") or {},
+            merged=own.get("merged"),
+        )
+
+    @property
+    def store_path(self) -> str | None:
+        """The first recorded training store (what `--store` defaults to)."""
+        return self.stores[0].get("path") if self.stores else None
+
+    @property
+    def model_fingerprints(self) -> set[str]:
+        """Fingerprints of the model(s) whose activations trained the SAE (empty when none is recorded)."""
+        return {r.get("model_fingerprint") for r in self.stores} - {None}
+
+    def compatible_with(self, store: Any, path: str | Path) -> None:
+        """Refuse (one line) a store whose width or model is not the one SAE dir `path` was trained on."""
+        if self.d_in != store.d_model:
+            raise SaepipeError(
+                f"SAE {path} takes d_in={self.d_in} but store {store.path} has d_model={store.d_model}; give "
+                "the store the SAE was trained on"
+            )
+        fingerprints = self.model_fingerprints
+        if fingerprints and store.info.model_fingerprint not in fingerprints:
+            raise SaepipeError(
+                f"SAE {path} was trained on activations of another model (or synthetic set) than store "
+                f"{store.path} (model fingerprints differ); give the store it was trained on"
+            )
 
 
 def _architecture(path: Path, cfg: dict) -> tuple[str, int | None, dict[str, Any]]:

@@ -41,9 +41,10 @@ from typing import Any
 import torch
 
 from saepipe.errors import SaepipeError
+from saepipe.harvest.devices import resolve_device
 from saepipe.harvest.hooks import resolve_hooks
-from saepipe.harvest.models import LoadedModel, load_model, resolve_device
-from saepipe.train.sae_dir import model_fingerprints
+from saepipe.harvest.models import LoadedModel, load_model
+from saepipe.train.sae_dir import SAERecord
 from saepipe.train.saes import SAE
 
 TOKENS_HOOK = "embed.hook_in"
@@ -279,7 +280,8 @@ def generate(
 def load_model_for(sae: SAE, model: str | None = None, device: str = "auto") -> LoadedModel:
     """The model an SAE was trained on (`model`, default the cfg's model_name), refused when its weights
     are not those the SAE's activations came from or its width is not the SAE's input width."""
-    name = model or sae.cfg.get("model_name")
+    record = SAERecord.of(sae)
+    name = model or record.model_name
     if not name:
         raise SaepipeError("the SAE's cfg.json names no model_name; give the model (--model)")
     loaded = load_model(name, str(resolve_device(device)))
@@ -288,7 +290,7 @@ def load_model_for(sae: SAE, model: str | None = None, device: str = "auto") -> 
             f"model {name} has d_model={loaded.d_model} but the SAE reads d_in={sae.d_in}: it is an SAE of "
             "another model; give the model it was trained on"
         )
-    fingerprints = model_fingerprints(sae.cfg)
+    fingerprints = record.model_fingerprints
     if fingerprints and loaded.fingerprint not in fingerprints:
         raise SaepipeError(
             f"model {name} does not have the weights the SAE was trained on (fingerprints differ): it is an SAE "

@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError
 
 from saepipe.errors import SaepipeError
-from saepipe.harvest.harvester import probe_writable
-from saepipe.harvest.models import resolve_device
+from saepipe.files import check_out_dir
+from saepipe.harvest.devices import resolve_device
 from saepipe.train import checkpoint, distributed, token_norm
 from saepipe.train.config import SAESpec, TrainConfig
 from saepipe.train.loader import ActivationLoader, StreamPosition
@@ -148,9 +148,7 @@ def _compared(config: dict) -> dict:
 
 def check_out(out: Path) -> None:
     """Refuse an unusable --out before reading any store (a run dir is a directory we can write in)."""
-    if out.exists() and not out.is_dir():
-        raise SaepipeError(f"--out {out} is an existing file; give a directory for the run")
-    probe_writable(out, out if out.exists() else next(p for p in out.absolute().parents if p.exists()))
+    check_out_dir(out, "give a directory for the run")
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -244,7 +242,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     saes[spec.name],
                     sae_dirs[spec.name],
                     hook_name=cfg.hook,
-                    model_name=loader.stores[0].settings["model"]["name"],
+                    model_name=loader.stores[0].info.model_name,
                     input_scale=loader.scale,
                     **extra,
                 )
@@ -265,13 +263,13 @@ def _sae_extra(
     return {
         **({"normalize_activations": token_norm.CFG_VALUE} if cfg.token_norm else {}),
         "context_size": first.context_size,
-        "prepend_bos": bool(first.settings["prepend_bos"]),
-        "dataset_path": first.settings.get("dataset", {}).get("name"),
+        "prepend_bos": first.info.prepend_bos,
+        "dataset_path": first.info.dataset_name,
         "saepipe": {
             "store": [
                 {
                     "path": str(s.path),
-                    "model_fingerprint": s.settings["model"].get("fingerprint"),
+                    "model_fingerprint": s.info.model_fingerprint,
                     "hook": cfg.hook,
                 }
                 for s in loader.stores

@@ -1,84 +1,12 @@
-"""The dashboard's static page, script and style (kept as strings so they ship inside the Python package).
 
-The page works from file:// with no server and no network: data files are plain scripts that call
-`SAEPIPE.setIndex / setVocab / setShard`, inserted with <script> tags on demand (file:// forbids fetch()).
-Routing is by URL hash: `#` the ranked list, `#latent/123` a latent's page. Arrays in shards are
-base64 little-endian float32/int32, so the page shows exactly the stored values.
-"""
-
-INDEX_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>saepipe report</title>
-<link rel="stylesheet" href="assets/dashboard.css">
-<script src="assets/dashboard.js"></script>
-<script src="data/index.js"></script>
-<script src="data/vocab.js"></script>
-</head><body>
-<header><a href="#" class="home">saepipe report</a> <span id="meta"></span></header>
-<main id="app"><p>Loading…</p></main>
-<script>SAEPIPE.start();</script>
-</body></html>
-"""
-
-DASHBOARD_CSS = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; }
-header { background: #2b3a55; color: #fff; padding: 8px 16px; }
-header a { color: #fff; font-weight: bold; text-decoration: none; margin-right: 1em; }
-main { padding: 12px 16px; max-width: 1200px; }
-table { border-collapse: collapse; }
-td, th { padding: 2px 8px; text-align: right; border-bottom: 1px solid #eee; }
-th { cursor: default; background: #f4f4f4; }
-td.tokcell { text-align: left; font-family: monospace; white-space: pre; }
-#search { width: 320px; padding: 4px; font-size: 14px; }
-.controls { margin: 8px 0; display: flex; gap: 12px; align-items: center; }
-.ctx { font-family: monospace; white-space: pre-wrap; margin: 3px 0; padding: 3px; border-bottom: 1px solid #f0f0f0; }
-.ctx .val { color: #888; display: inline-block; width: 7em; }
-.tok { border-radius: 2px; }
-.tok.peak { outline: 1.5px solid #c02; }
-.tok.pred { border-bottom: 2px solid #2b6cb0; }
-td.expl { text-align: left; max-width: 420px; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-th.sortable { cursor: pointer; text-decoration: underline dotted; }
-.explanation { font-size: 16px; margin: 6px 0 10px; }
-.cols { display: flex; gap: 32px; flex-wrap: wrap; }
-.ids a { margin-right: 6px; }
-.muted { color: #888; }
-.bar { fill: #e8742f; }
-"""
-
-JS_HELPERS = r"""
-  const el = (tag, attrs, ...kids) => {
-    const e = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "text") e.textContent = v; else if (k === "html") e.innerHTML = v; else e.setAttribute(k, v);
-    }
-    for (const k of kids) e.append(k);
-    return e;
-  };
-  const tok = id => (id in S.vocab ? S.vocab[id] : "⟨" + id + "⟩");
-  const shown = s => s.replace(/\n/g, "↵");
-  const fmt = (x, d) => (x === null || Number.isNaN(x) ? "–" : Number(x).toPrecision(d || 4));
-  function decode(b64, Type) {
-    const s = atob(b64), u = new Uint8Array(s.length);
-    for (let i = 0; i < s.length; i++) u[i] = s.charCodeAt(i);
-    return new Type(u.buffer);
-  }
-
-"""
-"""DOM and formatting helpers shared by the dashboard and the split-tree pages (saepipe.analyze.split_pages);
-spliced inside each page's closure, where `S.vocab` ({token id: text}) must be in scope for `tok`."""
-
-DASHBOARD_JS = (
-    r"""
 "use strict";
 const SAEPIPE = (function () {
   const S = { shards: {}, waiting: {}, shown: 100, key: null };
   S.setIndex = d => { S.idx = d; };
   S.setVocab = v => { S.vocab = v; };
   S.setShard = (n, d) => { S.shards[n] = d; (S.waiting[n] || []).forEach(f => f()); delete S.waiting[n]; };
-"""
-    + JS_HELPERS
-    + r"""  function loadShard(n, cb) {
+/*@helpers*/
+  function loadShard(n, cb) {
     if (S.shards[n]) return cb();
     const first = !S.waiting[n];
     (S.waiting[n] = S.waiting[n] || []).push(cb);
@@ -287,5 +215,3 @@ const SAEPIPE = (function () {
   };
   return S;
 })();
-"""
-)
