@@ -121,3 +121,23 @@ def test_checkpoint_left_only_as_old_is_recovered(tmp_path):
     (out / "checkpoint.partial").mkdir()
     assert checkpoint.exists(out) and checkpoint.read_state(out)["step"] == 7
     assert not (out / "checkpoint.old").exists()
+
+
+def test_checkpoint_saves_over_a_stale_old_copy(tmp_path):
+    """A kill after the second rename (before `checkpoint.old` is removed) leaves both dirs: the next save
+    must replace the stale copy, not fail on it."""
+    import torch
+
+    from saepipe.train import checkpoint
+    from saepipe.train.loader import StreamPosition
+    from saepipe.train.saes import build_sae
+    from saepipe.train.step import make_optimizer
+
+    out = tmp_path / "run"
+    for name, step in (("checkpoint", 8), ("checkpoint.old", 4)):
+        (out / name).mkdir(parents=True)
+        (out / name / "state.json").write_text(json.dumps({"step": step}))
+    torch.manual_seed(0)
+    sae = build_sae("topk", 8, 16, k=2)
+    checkpoint.save(out, 12, {}, None, {"s": sae}, {"s": make_optimizer(sae, 1e-3)}, StreamPosition())
+    assert checkpoint.read_state(out)["step"] == 12 and not (out / "checkpoint.old").exists()

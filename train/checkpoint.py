@@ -80,6 +80,7 @@ def save(
     distributed.barrier()
     if rank == 0:
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # a kill after the second rename left a stale copy
             os.replace(final, old)
         os.replace(partial, final)
         shutil.rmtree(old, ignore_errors=True)
