@@ -9,22 +9,6 @@ const SAEPIPE = (function () {
   const pct = x => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
   const num = x => (x === null || x === undefined ? "–" : fmt(x));
 
-  function contextRows(key) {
-    const c = S.d.contexts[key], box = el("div", { class: "contexts" });
-    if (!c || !c.values.length) { box.append(el("p", { class: "muted", text: "never active" })); return box; }
-    c.values.forEach((v, j) => {
-      const div = el("div", { class: "ctx", "data-context": c.contexts[j], "data-position": c.positions[j], "data-value": String(v) });
-      div.append(el("span", { class: "val", text: fmt(v) }));
-      c.windows[j].forEach((t, w) => div.append(el("span", { class: "tok" + (w === c.peaks[j] ? " peak" : ""), "data-token": t, text: shown(tok(t)) })));
-      box.append(div);
-    });
-    return box;
-  }
-
-  function statTable(rows) {
-    return el("table", { class: "stats" }, ...rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: String(v) }))));
-  }
-
   function renderIndex() {
     const app = document.getElementById("app"), d = S.d;
     const cols = ["name", "role", "architecture", "d_sae", "l0", "fvu", "firing_f1", "loss_recovered"];
@@ -57,19 +41,19 @@ const SAEPIPE = (function () {
     const merged = el("div", { class: "latent merged", "data-key": "f" + c + "/" + i },
       el("h3", { text: "merged latent " + i }), el("p", { class: "muted", text: cut.name + " (exact family code)" }),
       statTable([["members", f.size], ["fires", f.fires], ["siblings co-fire", pct(f.sibling_cofire)], ["energy kept", pct(f.energy_kept)],
-        ["firing F1 of the merged dir", num(f.firing_f1)]]), contextRows("f" + c + "/" + i));
+        ["firing F1 of the merged dir", num(f.firing_f1)]]), contextRows(S.d.contexts["f" + c + "/" + i]));
     const cols = [merged];
     if (f.parent) {
       const link = S.d.splitting ? el("a", { href: S.d.splitting.href + "#level/" + S.d.splitting.level + "/parent/" + f.parent.latent, text: "split tree" }) : "";
       cols.push(el("div", { class: "latent parent", "data-key": "p/" + f.parent.latent },
         el("h3", { text: "parent " + f.parent.latent }), el("p", { class: "muted" }, "ladder: " + S.d.ladder[0].path + " ", link),
         statTable([["cosine to family direction", num(f.parent.cos)], ["parent mass covered", pct(f.parent_mass_covered)]]),
-        contextRows("p/" + f.parent.latent)));
+        contextRows(S.d.contexts["p/" + f.parent.latent])));
     }
     f.members.forEach(m => cols.push(el("div", { class: "latent member", "data-key": "w/" + m.latent },
       el("h3", { text: "latent " + m.latent }), el("p", { class: "muted", text: "wide SAE" }),
       statTable([["weight w", num(m.weight)], ["cosine to family direction", num(m.cos)], ["fires", m.fires]]),
-      contextRows("w/" + m.latent))));
+      contextRows(S.d.contexts["w/" + m.latent]))));
     app.replaceChildren(el("p", {}, el("a", { href: "#cut/" + c, text: "← " + cut.name })),
       el("h2", { id: "family-title", text: "Family " + i + ": " + f.size + " latents" }), el("div", { class: "cols", id: "family" }, ...cols));
   }

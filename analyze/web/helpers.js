@@ -15,4 +15,18 @@
     for (let i = 0; i < s.length; i++) u[i] = s.charCodeAt(i);
     return new Type(u.buffer);
   }
+  function contextRows(c) {  // one latent's top contexts (`S.d.contexts[...]`), the peak token marked
+    const box = el("div", { class: "contexts" });
+    if (!c || !c.values.length) { box.append(el("p", { class: "muted", text: "never active" })); return box; }
+    c.values.forEach((v, j) => {
+      const div = el("div", { class: "ctx", "data-context": c.contexts[j], "data-position": c.positions[j], "data-value": String(v) });
+      div.append(el("span", { class: "val", text: fmt(v) }));
+      c.windows[j].forEach((t, w) => div.append(el("span", { class: "tok" + (w === c.peaks[j] ? " peak" : ""), "data-token": t, text: shown(tok(t)) })));
+      box.append(div);
+    });
+    return box;
+  }
 
+  function statTable(rows) {
+    return el("table", { class: "stats" }, ...rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: String(v) }))));
+  }

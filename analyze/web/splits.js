@@ -12,22 +12,6 @@ const SAEPIPE = (function () {
   const kindClass = k => (k === "clean split" ? "kind-clean" : k === "blurred split" ? "kind-blurred" : "");
   const saeName = s => S.d.saes[s].name + " (" + S.d.saes[s].architecture + ", " + S.d.saes[s].d_sae + ")";
 
-  function contextRows(sae, latent) {
-    const c = S.d.contexts[sae + "/" + latent], box = el("div", { class: "contexts" });
-    if (!c || !c.values.length) { box.append(el("p", { class: "muted", text: "never active" })); return box; }
-    c.values.forEach((v, j) => {
-      const div = el("div", { class: "ctx", "data-context": c.contexts[j], "data-position": c.positions[j], "data-value": String(v) });
-      div.append(el("span", { class: "val", text: fmt(v) }));
-      c.windows[j].forEach((t, w) => div.append(el("span", { class: "tok" + (w === c.peaks[j] ? " peak" : ""), "data-token": t, text: shown(tok(t)) })));
-      box.append(div);
-    });
-    return box;
-  }
-
-  function statTable(rows) {
-    return el("table", { class: "stats" }, ...rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: String(v) }))));
-  }
-
   function renderIndex() {
     const app = document.getElementById("app"), d = S.d;
     const saes = el("table", { id: "saes" }, el("tr", {}, ...["SAE", "architecture", "width", "L0", "FVU", "loss recovered"].map(h => el("th", { text: h }))),
@@ -69,12 +53,12 @@ const SAEPIPE = (function () {
       el("h3", { text: "parent " + i }), el("p", { class: "muted", text: saeName(lv.narrow) }),
       statTable([["kind", p.kind], ["fires", p.fires], ["coverage", pct(p.coverage)], ["overlap", pct(p.overlap)],
         ["siblings co-fire", pct(p.sibling_cofire)], ["leak", pct(p.leak)]]),
-      contextRows(lv.narrow, i));
+      contextRows(S.d.contexts[lv.narrow + "/" + i]));
     const kids = p.children.map(c => el("div", { class: "latent child", "data-latent": c.latent },
       el("h3", { text: "child " + c.latent }), el("p", { class: "muted", text: saeName(lv.wide) }),
       statTable([["cosine to parent", fmt(c.cos)], ["share of parent's firing", pct(c.share)],
         ["within parent's firing", pct(c.containment)], ["fires", c.fires]]),
-      contextRows(lv.wide, c.latent)));
+      contextRows(S.d.contexts[lv.wide + "/" + c.latent])));
     app.replaceChildren(el("p", {}, el("a", { href: "#", text: "← all parents" })),
       el("h2", { id: "parent-title", text: "Parent " + i + " → " + p.children.length + " children (" + p.kind + ")" }),
       el("div", { class: "cols", id: "family" }, parentCol, ...kids));
