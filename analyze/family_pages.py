@@ -10,10 +10,12 @@ side, next to the merged latent's own and the ladder parent's, say whether they 
                       top contexts of every shown latent keyed "w/<latent>" (wide SAE), "p/<latent>"
                       (ladder parent) and "f<cut>/<family>" (the exact family code)
     data/vocab.js     SAEPIPE.setVocab({id: text}) as on the split-tree pages
+    data/links.js     SAEPIPE.setLinks({splits: {href, level} or null}): the split trees it links to
 
 Routes: `#` the trade-off table and the cuts, `#cut/C` one cut's families, `#cut/C/family/F` one family
 with the merged latent, the parent and every member side by side. With `saepipe families --splitting DIR`
-a family's page links its parent's split tree (DIR/index.html#level/A/parent/I).
+a family's page links its parent's split tree (DIR/index.html#level/A/parent/I) through data/links.js
+(`SAEPIPE.setLinks`), which `saepipe splitting --families` rewrites when it embeds the pages.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from saepipe.analyze.page_assets import write_page
+from saepipe.analyze.split_families import page_links, split_level, write_links
 from saepipe.analyze.split_pages import SparseTopN, context_windows
 
 
@@ -35,25 +38,21 @@ def _contexts(top: SparseTopN, latent: int, store: Any, ids: set) -> dict:
             "windows": windows, "peaks": peaks}  # fmt: skip
 
 
-def _split_link(out: Path, splitting: str | None, report: dict) -> dict | None:
-    """Where the parent split trees are: {"href": relative index.html, "level": A} for the level whose narrow
-    SAE is the ladder's narrowest, or None."""
-    if not splitting or not report["ladder"]:
-        return None
+def _split_links(out: Path, splitting: str | None, report: dict) -> dict:
+    """What the pages link to (`page_links`): the split trees of `saepipe families --splitting DIR`, on the
+    level that holds the ladder's parents; nothing without DIR or a readable splits.json there."""
+    if not splitting:
+        return page_links("", None)
     try:
         splits = json.loads((Path(splitting) / "splits.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return None
-    narrowest = str(Path(report["ladder"][0]["path"]).resolve())
-    for a, lv in enumerate(splits.get("levels", [])):
-        if str(Path(lv["narrow"]).resolve()) == narrowest:
-            return {"href": os.path.relpath(Path(splitting) / "index.html", out), "level": a}
-    return None
+        return page_links("", None)
+    return page_links(
+        os.path.relpath(Path(splitting) / "index.html", out), split_level(splits["levels"], report)
+    )
 
 
-def page_data(
-    report: dict, tops_wide, tops_parent, tops_family, store: Any, out: Path, splitting: str | None
-):
+def page_data(report: dict, tops_wide, tops_parent, tops_family, store: Any):
     """The data script's object and every token id it mentions."""
     contexts: dict[str, dict] = {}
     ids: set[int] = set()
@@ -81,7 +80,6 @@ def page_data(
         "tradeoff": report["tradeoff"],
         "cuts": cuts,
         "contexts": contexts,
-        "splitting": _split_link(out, splitting, report),
     }
     return data, sorted(ids)
 
@@ -98,6 +96,7 @@ def write_family_pages(
 ) -> Path:
     """Write the pages into `out`; `decode(ids) -> texts`, or None for a store without a tokenizer."""
     root = Path(out)
-    data, ids = page_data(report, tops_wide, tops_parent, tops_family, store, root, splitting)
+    data, ids = page_data(report, tops_wide, tops_parent, tops_family, store)
     vocab = dict(zip(map(str, ids), decode(ids))) if decode is not None else {}
+    write_links(root, _split_links(root, splitting, report))
     return write_page(root, "families", "setFamilies", data, vocab)

@@ -14,6 +14,8 @@ writes, in the report dir:
                      WINDOW_BEFORE before to WINDOW_AFTER after) and the peak's index
     data/vocab.js    SAEPIPE.setVocab({id: text}): the model tokenizer's text of every token id shown;
                      empty for a store with no model (synthetic), whose token ids are shown as ⟨id⟩
+    families/        with `--families DIR`: that report's family pages (split_families.py); `families` in
+                     the data names its SAE, its cuts and, per cut, the family of each merged latent
 
 Like the analyze dashboard it works from file:// with no server: data are scripts, routing is by hash
 (`#` the levels and their parents, `#level/A/parent/I` one parent with its children).
@@ -137,12 +139,21 @@ def page_data(report: dict, tops: list[SparseTopN], store: Any) -> tuple[dict, l
     return data, sorted(ids)
 
 
-def write_split_pages(out: str | Path, report: dict, tops: list[SparseTopN], store: Any, decode: Any) -> Path:
+def write_split_pages(
+    out: str | Path,
+    report: dict,
+    tops: list[SparseTopN],
+    store: Any,
+    decode: Any,
+    families: dict | None = None,
+) -> Path:
     """Write the pages into `out` (the splitting report dir); `decode(ids) -> list[str]`, or None for a store
-    without a tokenizer. Returns the index.html path."""
+    without a tokenizer; `families`: the embedded family pages (`split_families.embed`). Returns the
+    index.html path."""
     root = Path(out)
     data, ids = page_data(report, tops, store)
     data["has_frontier_png"] = (root / "frontier.png").exists()
+    data["families"] = families
     vocab = dict(zip(map(str, ids), decode(ids))) if decode is not None else {}
     return write_page(root, "splits", "setSplits", data, vocab)
 

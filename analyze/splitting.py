@@ -214,11 +214,16 @@ class SplittingConfig(StageConfig):
     """Decoder |cos| above which a latent counts as found again in another SAE (seed stability)."""
     min_agreement: float = Field(0.5, ge=0, le=1)
     """Seed agreement below which the report says the split trees cannot be read (at noise level)."""
+    families: str | None = None
+    """A `saepipe families` report dir (of one of these SAEs): its pages go into OUT/families/, linked both
+    ways with the split trees (the cuts from the index, each child to its family, each family back)."""
 
     @model_validator(mode="after")
     def _check(self) -> SplittingConfig:
         if len(set(self.saes)) != len(self.saes):
             raise ValueError("an SAE dir is given twice")
+        if self.families is not None and not self.pages:
+            raise ValueError("--families shows the family pages inside the split-tree pages: drop --no-pages")
         return self
 
 
@@ -230,12 +235,14 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     from saepipe.analyze.inputs import excluded_tokens, load_saes, resolve_hook
     from saepipe.analyze.reconstruction import ReconstructionStats, encode_stream
     from saepipe.analyze.spliced import wanted_spliced
+    from saepipe.analyze.split_families import embed, read_families
     from saepipe.analyze.split_pages import SparseTopN, tokenizer_decode, write_split_pages
     from saepipe.analyze.stability import baseline_for, identity, one_way, seed_groups, stability, verdict
     from saepipe.harvest import open_store
 
     if not cfg.saes:
         raise SaepipeError("give at least one --saes SAE_DIR")
+    families = read_families(cfg.families) if cfg.families else None
     store = open_store(cfg.store)
     loaded = sorted(zip(load_saes(cfg.saes, store, cfg.device), cfg.saes), key=lambda pair: pair[0].d_sae)
     saes, paths = [s for s, _ in loaded], [p for _, p in loaded]
@@ -325,7 +332,8 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     (out / "splits.json").write_text(json.dumps(report, indent=1))
     write_frontier(points, out, title=f"{Path(cfg.store).name} / {hook}")
     if cfg.pages:
-        write_split_pages(out, report, tops, store, tokenizer_decode(store))
+        fam = embed(cfg.families, out, report, families) if families is not None else None
+        write_split_pages(out, report, tops, store, tokenizer_decode(store), fam)
     return report
 
 

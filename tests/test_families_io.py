@@ -175,6 +175,62 @@ def test_family_page_in_a_real_browser(tmp_path, world):  # noqa: F811
         driver.quit()
 
 
+def test_family_pages_inside_the_split_tree_pages(tmp_path, world, capsys):  # noqa: F811
+    """`saepipe splitting --families DIR` puts the family pages inside the split-tree site and links both
+    ways: the index lists the cuts, a split child links the family it was merged into, and that family's
+    page links back to the split trees and to its parent's split tree; a DIR that is no families report is
+    one line and exit 2."""
+    reason = chromium_missing()
+    if reason:
+        pytest.skip(reason)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, store, *_ = world
+    wide, narrow = _wide(tmp_path, store), _narrow(tmp_path, store)
+    fam_dir, sp = tmp_path / "fam", tmp_path / "sp"
+    common = ["--store", str(store), "--top-contexts", "3"]
+    assert main(["families", "--sae", str(wide), "--ladder", str(narrow), "--threshold", "0.5", "--out",
+                 str(fam_dir), "--no-loss-recovered", *common]) == 0  # fmt: skip
+    capsys.readouterr()
+    bad = ["splitting", "--saes", str(narrow), "--saes", str(wide), "--out", str(tmp_path / "bad"), *common]
+    assert main([*bad, "--families", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no readable families.json" in err, err
+    assert main(["splitting", "--saes", str(narrow), "--saes", str(wide), "--out", str(sp), "--families",
+                 str(fam_dir), *common]) == 0  # fmt: skip
+    rep = json.loads((fam_dir / "families.json").read_text())
+    fam = next(f for f in rep["cuts"][0]["families"] if sorted(m["latent"] for m in f["members"]) == FAMILY_P)
+    driver = chromium_driver(tmp_path / "profile")
+    try:
+        wait = WebDriverWait(driver, 20)
+        driver.get((sp / "index.html").as_uri())
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        cut = driver.find_element(By.CSS_SELECTOR, "#family-cuts a")
+        assert cut.text == rep["cuts"][0]["name"] and cut.get_attribute("href").endswith(
+            "families/index.html#cut/0"
+        )
+        driver.get((sp / "index.html").as_uri() + "#level/0/parent/0")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#family .child"))
+        kids = {
+            int(c.get_attribute("data-latent")): c
+            for c in driver.find_elements(By.CSS_SELECTOR, "#family .child")
+        }
+        assert set(FAMILY_P) <= set(kids)
+        for i in FAMILY_P:
+            link = kids[i].find_element(By.CSS_SELECTOR, "a.family-link").get_attribute("href")
+            assert link.endswith(f"families/index.html#cut/0/family/{fam['family']}")
+        kids[FAMILY_P[0]].find_element(By.CSS_SELECTOR, "a.family-link").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#family .latent")) == 5)
+        assert driver.find_element(By.ID, "to-splits").get_attribute("href") == (sp / "index.html").as_uri()
+        parent = driver.find_element(By.CSS_SELECTOR, "#family .parent")
+        back = parent.find_element(By.LINK_TEXT, "split tree").get_attribute("href")
+        assert back == (sp / "index.html").as_uri() + "#level/0/parent/0"
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+
+
 def test_families_stage_in_a_pipeline(tmp_path, capsys):
     """train -> families -> recovery: the merged dir is scored beside the SAEs it came from, labelled as
     merged, and a rerun skips every stage."""

@@ -1,9 +1,10 @@
 
 "use strict";
 const SAEPIPE = (function () {
-  const S = { vocab: {} };
+  const S = { vocab: {}, links: {} };
   S.setFamilies = d => { S.d = d; };
   S.setVocab = v => { S.vocab = v; };
+  S.setLinks = l => { S.links = l; };
 /*@helpers*/
 
   const pct = x => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
@@ -44,7 +45,8 @@ const SAEPIPE = (function () {
         ["firing F1 of the merged dir", num(f.firing_f1)]]), contextRows(S.d.contexts["f" + c + "/" + i]));
     const cols = [merged];
     if (f.parent) {
-      const link = S.d.splitting ? el("a", { href: S.d.splitting.href + "#level/" + S.d.splitting.level + "/parent/" + f.parent.latent, text: "split tree" }) : "";
+      const sp = S.links.splits;
+      const link = sp ? el("a", { href: sp.href + "#level/" + sp.level + "/parent/" + f.parent.latent, text: "split tree" }) : "";
       cols.push(el("div", { class: "latent parent", "data-key": "p/" + f.parent.latent },
         el("h3", { text: "parent " + f.parent.latent }), el("p", { class: "muted" }, "ladder: " + S.d.ladder[0].path + " ", link),
         statTable([["cosine to family direction", num(f.parent.cos)], ["parent mass covered", pct(f.parent_mass_covered)]]),
@@ -69,6 +71,7 @@ const SAEPIPE = (function () {
   S.start = function () {
     if (!S.d) { document.getElementById("app").textContent = "Report data missing (data/families.js)."; return; }
     document.getElementById("meta").textContent = S.d.title;
+    if (S.links.splits) document.querySelector("header").append(" ", el("a", { id: "to-splits", href: S.links.splits.href, text: "← split trees" }));
     window.addEventListener("hashchange", route);
     route();
     document.body.dataset.ready = "1";

@@ -12,6 +12,22 @@ const SAEPIPE = (function () {
   const kindClass = k => (k === "clean split" ? "kind-clean" : k === "blurred split" ? "kind-blurred" : "");
   const saeName = s => S.d.saes[s].name + " (" + S.d.saes[s].architecture + ", " + S.d.saes[s].d_sae + ")";
 
+  function familyLinks(sae, latent) {  // the family pages' families this latent was merged into, one per cut
+    const f = S.d.families;
+    if (!f || f.sae !== sae) return "";
+    const links = f.cuts.flatMap((c, i) => (String(latent) in f.member[i]
+      ? [el("a", { class: "family-link", href: f.href + "#cut/" + i + "/family/" + f.member[i][latent], text: "family " + f.member[i][latent] + " (" + c.name + ")" }), " "] : []));
+    return el("p", { class: "muted families-of" }, links.length ? "merged into: " : "in no family of two or more", ...links);
+  }
+
+  function familiesSection(f) {
+    return [el("h2", { text: "Split families of " + f.name }),
+      el("p", { class: "muted", text: "The latents of " + f.name + " put back together (saepipe families); each child below links its family." }),
+      el("table", { id: "family-cuts" }, el("tr", {}, ...["cut", "families", "of two or more", "largest"].map(h => el("th", { text: h }))),
+        ...f.cuts.map((c, i) => el("tr", {}, el("td", {}, el("a", { href: f.href + "#cut/" + i, text: c.name })),
+          el("td", { text: c.n_families }), el("td", { text: c.n_merged }), el("td", { text: c.largest }))))];
+  }
+
   function renderIndex() {
     const app = document.getElementById("app"), d = S.d;
     const saes = el("table", { id: "saes" }, el("tr", {}, ...["SAE", "architecture", "width", "L0", "FVU", "loss recovered"].map(h => el("th", { text: h }))),
@@ -28,6 +44,7 @@ const SAEPIPE = (function () {
         "; random directions " + pct(st.baseline) + "; split-tree counts between the seeds: " +
         KINDS.map(k => sp.summary[k] + " " + k).join(", ") }));
     });
+    if (d.families) parts.push(...familiesSection(d.families));
     d.levels.forEach((lv, a) => {
       const b = lv.seed_baseline;
       const sum = KINDS.map(k => lv.summary[k] + " " + k + " (" + pct(share(lv.summary, k)) + (b ? "; seeds " + pct(share(b.summary, k)) : "") + ")").join(", ") + ", " + lv.summary["new"] + " new";
@@ -53,12 +70,12 @@ const SAEPIPE = (function () {
       el("h3", { text: "parent " + i }), el("p", { class: "muted", text: saeName(lv.narrow) }),
       statTable([["kind", p.kind], ["fires", p.fires], ["coverage", pct(p.coverage)], ["overlap", pct(p.overlap)],
         ["siblings co-fire", pct(p.sibling_cofire)], ["leak", pct(p.leak)]]),
-      contextRows(S.d.contexts[lv.narrow + "/" + i]));
+      familyLinks(lv.narrow, i), contextRows(S.d.contexts[lv.narrow + "/" + i]));
     const kids = p.children.map(c => el("div", { class: "latent child", "data-latent": c.latent },
       el("h3", { text: "child " + c.latent }), el("p", { class: "muted", text: saeName(lv.wide) }),
       statTable([["cosine to parent", fmt(c.cos)], ["share of parent's firing", pct(c.share)],
         ["within parent's firing", pct(c.containment)], ["fires", c.fires]]),
-      contextRows(S.d.contexts[lv.wide + "/" + c.latent])));
+      familyLinks(lv.wide, c.latent), contextRows(S.d.contexts[lv.wide + "/" + c.latent])));
     app.replaceChildren(el("p", {}, el("a", { href: "#", text: "← all parents" })),
       el("h2", { id: "parent-title", text: "Parent " + i + " → " + p.children.length + " children (" + p.kind + ")" }),
       el("div", { class: "cols", id: "family" }, parentCol, ...kids));
