@@ -341,7 +341,8 @@ class RecoveryConfig(StageConfig):
     store: str | None = None
     """Store to stream (default: the synthetic set's own store, TRUTH/store)."""
     out: str | None = None
-    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays) as JSON here,
+    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays, the `sae` and
+    `truth` it scored) as JSON here,
     and beside it (same name, .html) a page of every parent's absorption linking to the latents that took
     its place."""
     max_tokens: int | None = Field(None, gt=0)
@@ -406,7 +407,7 @@ def run(cfg: RecoveryConfig) -> int:
     if cfg.out:
         path = Path(cfg.out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(report)))
+        path.write_text(json.dumps({**asdict(report), "sae": cfg.sae, "truth": cfg.truth}))
         page = write_absorption_page(json.loads(path.read_text()), path, Path(cfg.sae).name)
         print(f"report written to {path}; absorption page {page}")
     return 0

@@ -16,6 +16,8 @@ writes, in the report dir:
                      empty for a store with no model (synthetic), whose token ids are shown as ⟨id⟩
     families/        with `--families DIR`: that report's family pages (split_families.py); `families` in
                      the data names its SAE, its cuts and, per cut, the family of each merged latent
+    `absorbed`       with `--recovery R.json ...`: per report its SAE, the most absorbed parent features
+                     and the latents that fired in their place (split_absorption.py), linking R.html
 
 Like the analyze dashboard it works from file:// with no server: data are scripts, routing is by hash
 (`#` the levels and their parents, `#level/A/parent/I` one parent with its children).
@@ -146,14 +148,16 @@ def write_split_pages(
     store: Any,
     decode: Any,
     families: dict | None = None,
+    absorbed: list[dict] | None = None,
 ) -> Path:
     """Write the pages into `out` (the splitting report dir); `decode(ids) -> list[str]`, or None for a store
-    without a tokenizer; `families`: the embedded family pages (`split_families.embed`). Returns the
-    index.html path."""
+    without a tokenizer; `families`: the embedded family pages (`split_families.embed`); `absorbed`: the
+    recovery reports' absorbed parents (`split_absorption.absorption_data`). Returns the index.html path."""
     root = Path(out)
     data, ids = page_data(report, tops, store)
     data["has_frontier_png"] = (root / "frontier.png").exists()
     data["families"] = families
+    data["absorbed"] = absorbed or []
     vocab = dict(zip(map(str, ids), decode(ids))) if decode is not None else {}
     return write_page(root, "splits", "setSplits", data, vocab)
 

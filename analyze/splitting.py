@@ -217,13 +217,16 @@ class SplittingConfig(StageConfig):
     families: str | None = None
     """A `saepipe families` report dir (of one of these SAEs): its pages go into OUT/families/, linked both
     ways with the split trees (the cuts from the index, each child to its family, each family back)."""
+    recovery: list[str] = Field(default_factory=list)
+    """`saepipe recovery --out` reports of these SAEs (synthetic stores; repeat the flag): the split-tree
+    pages list each SAE's most absorbed parent features and link the latents that fired in their place."""
 
     @model_validator(mode="after")
     def _check(self) -> SplittingConfig:
         if len(set(self.saes)) != len(self.saes):
             raise ValueError("an SAE dir is given twice")
-        if self.families is not None and not self.pages:
-            raise ValueError("--families shows the family pages inside the split-tree pages: drop --no-pages")
+        if (self.families is not None or self.recovery) and not self.pages:
+            raise ValueError("--families and --recovery add to the split-tree pages: drop --no-pages")
         return self
 
 
@@ -235,6 +238,7 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     from saepipe.analyze.inputs import excluded_tokens, load_saes, resolve_hook
     from saepipe.analyze.reconstruction import ReconstructionStats, encode_stream
     from saepipe.analyze.spliced import wanted_spliced
+    from saepipe.analyze.split_absorption import absorption_data, read_recovery
     from saepipe.analyze.split_families import embed, read_families
     from saepipe.analyze.split_pages import SparseTopN, tokenizer_decode, write_split_pages
     from saepipe.analyze.stability import baseline_for, identity, one_way, seed_groups, stability, verdict
@@ -243,9 +247,11 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     if not cfg.saes:
         raise SaepipeError("give at least one --saes SAE_DIR")
     families = read_families(cfg.families) if cfg.families else None
+    recoveries = [read_recovery(p) for p in cfg.recovery]
     store = open_store(cfg.store)
     loaded = sorted(zip(load_saes(cfg.saes, store, cfg.device), cfg.saes), key=lambda pair: pair[0].d_sae)
     saes, paths = [s for s, _ in loaded], [p for _, p in loaded]
+    absorbed = absorption_data(cfg.recovery, recoveries, paths, Path(cfg.out))
     hook = resolve_hook(store, saes, cfg.hook)
     # Edges: each ladder SAE to the next wider one, then each same-width seed pair (the baseline).
     ladder, pairs = seed_groups([identity(s) for s in saes])
@@ -333,7 +339,7 @@ def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:
     write_frontier(points, out, title=f"{Path(cfg.store).name} / {hook}")
     if cfg.pages:
         fam = embed(cfg.families, out, report, families) if families is not None else None
-        write_split_pages(out, report, tops, store, tokenizer_decode(store), fam)
+        write_split_pages(out, report, tops, store, tokenizer_decode(store), fam, absorbed)
     return report
 
 

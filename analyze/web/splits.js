@@ -20,6 +20,33 @@ const SAEPIPE = (function () {
     return el("p", { class: "muted families-of" }, links.length ? "merged into: " : "in no family of two or more", ...links);
   }
 
+  function treeHref(sae, latent) {  // this latent's split tree, where it is a parent with children
+    const a = S.d.levels.findIndex(lv => lv.narrow === sae && lv.parents.some(p => p.latent === latent));
+    return a < 0 ? null : "#level/" + a + "/parent/" + latent;
+  }
+
+  function latentLink(ab, latent) {  // to its split tree when it has one, else to its entry on the absorption page
+    const tree = treeHref(ab.sae, latent);
+    return el("a", { class: tree ? "tree-link" : "absorption-link", href: tree || ab.page + "#latent-" + latent, text: String(latent) });
+  }
+
+  function absorbedSection(ab) {
+    const rows = ab.parents.map(p => el("tr", { "data-parent": p.parent },
+      el("td", {}, el("a", { href: ab.page + "#parent-" + p.parent, text: String(p.parent) })),
+      el("td", {}, latentLink(ab, p.latent)), el("td", { text: fmt(p.cos, 2) }), el("td", { text: pct(p.rate) }),
+      el("td", { class: "takers" }, ...p.takers.flatMap(t => [latentLink(ab, t.latent), " (" + pct(t.share) + ") "]))));
+    return [el("h3", { text: saeName(ab.sae) }),
+      el("p", { class: "muted" }, "mean absorption over " + ab.n_parents + " parent features: " + pct(ab.rate) + "; the " + ab.parents.length +
+        " most absorbed below (all of them: ", el("a", { href: ab.page, text: "absorption page" }), "). A latent links its split tree where it has one."),
+      el("table", { class: "absorbed", "data-sae": ab.sae }, el("tr", {}, ...["parent feature", "its latent", "cos", "absorbed", "fired in its place (share of silent tokens)"].map(h => el("th", { text: h }))), ...rows)];
+  }
+
+  function absorbedBy(sae, latent) {  // the true parents this latent took the place of
+    const took = S.d.absorbed.filter(ab => ab.sae === sae).flatMap(ab => ab.parents.flatMap(p => p.takers.filter(t => t.latent === latent)
+      .map(t => [el("a", { class: "absorbed-link", href: ab.page + "#parent-" + p.parent, text: "feature " + p.parent }), " (" + pct(t.share) + ") "])));
+    return took.length ? el("p", { class: "muted absorbed-of" }, "fired in place of absorbed parent ", ...took.flat()) : "";
+  }
+
   function familiesSection(f) {
     return [el("h2", { text: "Split families of " + f.name }),
       el("p", { class: "muted", text: "The latents of " + f.name + " put back together (saepipe families); each child below links its family." }),
@@ -45,6 +72,7 @@ const SAEPIPE = (function () {
         KINDS.map(k => sp.summary[k] + " " + k).join(", ") }));
     });
     if (d.families) parts.push(...familiesSection(d.families));
+    if (d.absorbed.length) parts.push(el("h2", { text: "Absorbed parents (ground truth)" }), ...d.absorbed.flatMap(absorbedSection));
     d.levels.forEach((lv, a) => {
       const b = lv.seed_baseline;
       const sum = KINDS.map(k => lv.summary[k] + " " + k + " (" + pct(share(lv.summary, k)) + (b ? "; seeds " + pct(share(b.summary, k)) : "") + ")").join(", ") + ", " + lv.summary["new"] + " new";
@@ -70,12 +98,12 @@ const SAEPIPE = (function () {
       el("h3", { text: "parent " + i }), el("p", { class: "muted", text: saeName(lv.narrow) }),
       statTable([["kind", p.kind], ["fires", p.fires], ["coverage", pct(p.coverage)], ["overlap", pct(p.overlap)],
         ["siblings co-fire", pct(p.sibling_cofire)], ["leak", pct(p.leak)]]),
-      familyLinks(lv.narrow, i), contextRows(S.d.contexts[lv.narrow + "/" + i]));
+      familyLinks(lv.narrow, i), absorbedBy(lv.narrow, i), contextRows(S.d.contexts[lv.narrow + "/" + i]));
     const kids = p.children.map(c => el("div", { class: "latent child", "data-latent": c.latent },
       el("h3", { text: "child " + c.latent }), el("p", { class: "muted", text: saeName(lv.wide) }),
       statTable([["cosine to parent", fmt(c.cos)], ["share of parent's firing", pct(c.share)],
         ["within parent's firing", pct(c.containment)], ["fires", c.fires]]),
-      familyLinks(lv.wide, c.latent), contextRows(S.d.contexts[lv.wide + "/" + c.latent])));
+      familyLinks(lv.wide, c.latent), absorbedBy(lv.wide, c.latent), contextRows(S.d.contexts[lv.wide + "/" + c.latent])));
     app.replaceChildren(el("p", {}, el("a", { href: "#", text: "← all parents" })),
       el("h2", { id: "parent-title", text: "Parent " + i + " → " + p.children.length + " children (" + p.kind + ")" }),
       el("div", { class: "cols", id: "family" }, parentCol, ...kids));
