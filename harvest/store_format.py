@@ -4,6 +4,7 @@ versions, the bfloat16 bit patterns, shard file keys, and opening the Zarr group
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import zarr
@@ -78,3 +79,25 @@ def disk_bytes(path: str, storage_options: dict | None = None) -> int:
 
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     return int(sum(fs.du(root, total=False).values())) if fs.exists(root) else 0
+
+
+class Committed:
+    """What a store's metadata says is committed, for the reader and the writer alike (both hold the
+    store's `meta` and `settings` dicts)."""
+
+    meta: dict[str, Any]
+    settings: dict[str, Any]
+
+    @property
+    def n_contexts(self) -> int:
+        """Committed contexts (the only ones a reader may use)."""
+        return int(self.meta["n_contexts"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta["complete"])
+
+    @property
+    def shard_contexts(self) -> int:
+        """Contexts per shard file: the unit written, committed and repaired at once."""
+        return int(self.settings["contexts_per_chunk"]) * int(self.settings["chunks_per_shard"])

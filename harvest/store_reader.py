@@ -16,6 +16,7 @@ from saepipe.harvest.store_format import (
     FORMAT,
     SCHEMA_VERSION,
     STORED_DTYPES,
+    Committed,
     _open_group,
     from_stored,
     shard_key,
@@ -32,7 +33,7 @@ class HookStats:
     mean_sq_norm: float
 
 
-class ActivationStore:
+class ActivationStore(Committed):
     """Read access to a store: metadata, committed contexts, activations, statistics."""
 
     def __init__(self, path: str, storage_options: dict | None = None, allow_incomplete: bool = False):
@@ -106,15 +107,6 @@ class ActivationStore:
                 )
 
     @property
-    def n_contexts(self) -> int:
-        """Committed contexts (the only ones a reader may use)."""
-        return int(self.meta["n_contexts"])
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.meta["complete"])
-
-    @property
     def hooks(self) -> list[str]:
         return list(self.settings["hooks"])
 
@@ -185,14 +177,14 @@ class ActivationStore:
             fs, root = fsspec.core.url_to_fs(self.path, **(self.storage_options or {}))
             root = root.rstrip("/")
             self._files = {p[len(root) + 1 :] for p in fs.find(root)}
-        per = self.contexts_per_chunk * int(self.settings["chunks_per_shard"])
+        per = self.shard_contexts
         shards = range(start // per, -(-stop // per)) if stop > start else range(0)
         return [i for i in shards if self.shard_key(name, i) not in self._files]
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of array `name`, or a one-line error naming the damaged shard file."""
         fix = "repair it with the same `saepipe harvest` command plus --repair"
-        per = self.contexts_per_chunk * int(self.settings["chunks_per_shard"])
+        per = self.shard_contexts
         if missing := self.missing_shards(name, start, stop):
             i = missing[0]
             raise SaepipeError(

@@ -19,6 +19,7 @@ from saepipe.harvest.store_format import (
     ACTS,
     FORMAT,
     STORED_DTYPES,
+    Committed,
     _is_url,
     _open_group,
     from_stored,
@@ -30,7 +31,7 @@ from saepipe.harvest.store_format import (
 from saepipe.harvest.store_reader import ActivationStore
 
 
-class StoreWriter:
+class StoreWriter(Committed):
     """Creates a store or resumes one with identical settings; writes and commits whole shards."""
 
     def __init__(
@@ -63,18 +64,6 @@ class StoreWriter:
         else:
             self.group = _open_group(path, "w", storage_options)
             self.meta = self._create()
-
-    @property
-    def n_contexts(self) -> int:
-        return int(self.meta["n_contexts"])
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.meta["complete"])
-
-    @property
-    def shard_contexts(self) -> int:
-        return self.settings["contexts_per_chunk"] * self.settings["chunks_per_shard"]
 
     def _create(self) -> dict[str, Any]:
         s = self.settings
