@@ -20,7 +20,7 @@ COMMANDS = {
     ),
     "recovery": Command(
         "score an SAE trained on synthetic data against the true features, by feature frequency",
-        "saepipe.analyze.recovery:RecoveryConfig",
+        "saepipe.analyze.config:RecoveryConfig",
         "saepipe.analyze.recovery:run",
     ),
     "families": Command(
@@ -30,7 +30,7 @@ COMMANDS = {
     ),
     "splitting": Command(
         "build split trees across a width ladder of SAEs and the sparsity-reconstruction frontier",
-        "saepipe.analyze.splitting:SplittingConfig",
+        "saepipe.analyze.config:SplittingConfig",
         "saepipe.analyze.splitting:run",
     ),
 }

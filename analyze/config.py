@@ -1,4 +1,5 @@
-"""The analyze stage's configs: `saepipe analyze`, `evaluate` and `steer` flags (and pipelines.yaml sections)."""
+"""The analyze package's configs: `saepipe analyze`, `evaluate`, `steer`, `recovery` and `splitting` flags (and
+pipelines.yaml sections)."""
 
 from __future__ import annotations
 
@@ -160,3 +161,83 @@ def parse_latents(specs: list[str]) -> dict[int, float]:
     if not out:
         raise ValueError("give at least one latent (--latent ID or ID=VALUE)")
     return out
+
+
+class RecoveryConfig(StageConfig):
+    sae: str
+    """The SAE dir to score (trained on the synthetic set's store)."""
+    truth: str
+    """The synthetic set: the --out of `saepipe synth`."""
+    store: str | None = None
+    """Store to stream (default: the synthetic set's own store, TRUTH/store)."""
+    out: str | None = None
+    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays, the `sae` and
+    `truth` it scored) as JSON here,
+    and beside it (same name, .html) a page of every parent's absorption linking to the latents that took
+    its place."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Score on at most this many tokens (whole chunks, from the start of the store)."""
+    batch_tokens: int = Field(8192, gt=0)
+    """Tokens encoded at once."""
+    recovered_cos: float = Field(0.9, gt=0, le=1)
+    """A true feature counts as recovered when its best latent's decoder cosine reaches this."""
+    split_cos: float = Field(0.5, gt=0, le=1)
+    """A latent counts toward a feature's spread only if its decoder cosine to the feature reaches this."""
+    split_precision: float = Field(0.5, gt=0, le=1)
+    """... and if at least this fraction of its firing lies on tokens carrying the feature."""
+    n_bins: int = Field(10, gt=0)
+    """Frequency bins of equal feature count (10: deciles)."""
+    device: str = "cpu"
+    """Device to encode on (cpu, cuda, cuda:N)."""
+
+
+class SplittingConfig(StageConfig):
+    saes: list[str]
+    """An SAE dir of the ladder; repeat the flag for each (any order: they are sorted by width)."""
+    store: str
+    """The activation store to stream (the SAEs' hook must be in it)."""
+    out: str
+    """Report directory: splits.json, frontier.json, frontier.csv, frontier.png, index.html (split pages)."""
+    hook: str | None = None
+    """Hook to read (default: the SAEs' hook_name)."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Use at most this many tokens from the start of the store."""
+    batch_tokens: int = Field(2048, gt=0)
+    """Tokens encoded at once by every SAE."""
+    min_cos: float = Field(0.3, ge=-1, le=1)
+    """Decoder cosine a child needs to its parent."""
+    min_coactivation: float = Field(0.5, ge=0, le=1)
+    """Fraction of a child's firing that must fall on tokens where its parent fires."""
+    clean_overlap: float = Field(0.05, ge=0, le=1)
+    """A split is clean when at most this fraction of the parent's firing has two or more children firing."""
+    device: str = "cpu"
+    """Device to encode on (cpu, cuda, cuda:N)."""
+    loss_recovered: bool | None = None
+    """Splice each SAE into its model and add `saepipe evaluate`'s loss recovered and KL to the frontier
+    (default: on for a store harvested from a model, off for a synthetic one)."""
+    eval_contexts: int = Field(64, gt=0)
+    """Held-out contexts per SAE for loss recovered (as `saepipe evaluate --contexts`)."""
+    eval_batch_size: int = Field(8, gt=0)
+    """Contexts per forward pass for loss recovered."""
+    pages: bool = True
+    """Write the split-tree pages (OUT/index.html): per parent its children and their top contexts."""
+    top_contexts: int = Field(8, gt=0)
+    """Top activating contexts per latent shown on the pages."""
+    stability_threshold: float = Field(0.7, gt=0, le=1)
+    """Decoder |cos| above which a latent counts as found again in another SAE (seed stability)."""
+    min_agreement: float = Field(0.5, ge=0, le=1)
+    """Seed agreement below which the report says the split trees cannot be read (at noise level)."""
+    families: str | None = None
+    """A `saepipe families` report dir (of one of these SAEs): its pages go into OUT/families/, linked both
+    ways with the split trees (the cuts from the index, each child to its family, each family back)."""
+    recovery: list[str] = Field(default_factory=list)
+    """`saepipe recovery --out` reports of these SAEs (synthetic stores; repeat the flag): the split-tree
+    pages list each SAE's most absorbed parent features and link the latents that fired in their place."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SplittingConfig:
+        if len(set(self.saes)) != len(self.saes):
+            raise ValueError("an SAE dir is given twice")
+        if (self.families is not None or self.recovery) and not self.pages:
+            raise ValueError("--families and --recovery add to the split-tree pages: drop --no-pages")
+        return self

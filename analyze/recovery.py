@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
 from saepipe.analyze.absorption import AbsorptionAccumulator, absorption_report
 from saepipe.analyze.absorption_page import write_absorption_page
-from saepipe.config import StageConfig
+from saepipe.analyze.config import RecoveryConfig
 from saepipe.errors import SaepipeError
 
 Latents = np.ndarray | sp.spmatrix
@@ -331,34 +330,6 @@ def format_bins(bins: list[dict]) -> str:
             f"{b['mean_best_f1']:>6.3f} {b['mean_spread']:>6.2f}"
         )
     return "\n".join(lines)
-
-
-class RecoveryConfig(StageConfig):
-    sae: str
-    """The SAE dir to score (trained on the synthetic set's store)."""
-    truth: str
-    """The synthetic set: the --out of `saepipe synth`."""
-    store: str | None = None
-    """Store to stream (default: the synthetic set's own store, TRUTH/store)."""
-    out: str | None = None
-    """Write the full report (summary, by-frequency table, per-feature and per-latent arrays, the `sae` and
-    `truth` it scored) as JSON here,
-    and beside it (same name, .html) a page of every parent's absorption linking to the latents that took
-    its place."""
-    max_tokens: int | None = Field(None, gt=0)
-    """Score on at most this many tokens (whole chunks, from the start of the store)."""
-    batch_tokens: int = Field(8192, gt=0)
-    """Tokens encoded at once."""
-    recovered_cos: float = Field(0.9, gt=0, le=1)
-    """A true feature counts as recovered when its best latent's decoder cosine reaches this."""
-    split_cos: float = Field(0.5, gt=0, le=1)
-    """A latent counts toward a feature's spread only if its decoder cosine to the feature reaches this."""
-    split_precision: float = Field(0.5, gt=0, le=1)
-    """... and if at least this fraction of its firing lies on tokens carrying the feature."""
-    n_bins: int = Field(10, gt=0)
-    """Frequency bins of equal feature count (10: deciles)."""
-    device: str = "cpu"
-    """Device to encode on (cpu, cuda, cuda:N)."""
 
 
 def score_recovery(cfg: RecoveryConfig, progress: bool = True) -> RecoveryReport:

@@ -38,10 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from pydantic import Field, model_validator
 
+from saepipe.analyze.config import SplittingConfig
 from saepipe.analyze.recovery import cosine_matrix
-from saepipe.config import StageConfig
 from saepipe.errors import SaepipeError
 
 
@@ -176,58 +175,6 @@ def split_tree(
         "new_latents": np.flatnonzero(parent < 0).tolist(),
         "parents": parents,
     }
-
-
-class SplittingConfig(StageConfig):
-    saes: list[str]
-    """An SAE dir of the ladder; repeat the flag for each (any order: they are sorted by width)."""
-    store: str
-    """The activation store to stream (the SAEs' hook must be in it)."""
-    out: str
-    """Report directory: splits.json, frontier.json, frontier.csv, frontier.png, index.html (split pages)."""
-    hook: str | None = None
-    """Hook to read (default: the SAEs' hook_name)."""
-    max_tokens: int | None = Field(None, gt=0)
-    """Use at most this many tokens from the start of the store."""
-    batch_tokens: int = Field(2048, gt=0)
-    """Tokens encoded at once by every SAE."""
-    min_cos: float = Field(0.3, ge=-1, le=1)
-    """Decoder cosine a child needs to its parent."""
-    min_coactivation: float = Field(0.5, ge=0, le=1)
-    """Fraction of a child's firing that must fall on tokens where its parent fires."""
-    clean_overlap: float = Field(0.05, ge=0, le=1)
-    """A split is clean when at most this fraction of the parent's firing has two or more children firing."""
-    device: str = "cpu"
-    """Device to encode on (cpu, cuda, cuda:N)."""
-    loss_recovered: bool | None = None
-    """Splice each SAE into its model and add `saepipe evaluate`'s loss recovered and KL to the frontier
-    (default: on for a store harvested from a model, off for a synthetic one)."""
-    eval_contexts: int = Field(64, gt=0)
-    """Held-out contexts per SAE for loss recovered (as `saepipe evaluate --contexts`)."""
-    eval_batch_size: int = Field(8, gt=0)
-    """Contexts per forward pass for loss recovered."""
-    pages: bool = True
-    """Write the split-tree pages (OUT/index.html): per parent its children and their top contexts."""
-    top_contexts: int = Field(8, gt=0)
-    """Top activating contexts per latent shown on the pages."""
-    stability_threshold: float = Field(0.7, gt=0, le=1)
-    """Decoder |cos| above which a latent counts as found again in another SAE (seed stability)."""
-    min_agreement: float = Field(0.5, ge=0, le=1)
-    """Seed agreement below which the report says the split trees cannot be read (at noise level)."""
-    families: str | None = None
-    """A `saepipe families` report dir (of one of these SAEs): its pages go into OUT/families/, linked both
-    ways with the split trees (the cuts from the index, each child to its family, each family back)."""
-    recovery: list[str] = Field(default_factory=list)
-    """`saepipe recovery --out` reports of these SAEs (synthetic stores; repeat the flag): the split-tree
-    pages list each SAE's most absorbed parent features and link the latents that fired in their place."""
-
-    @model_validator(mode="after")
-    def _check(self) -> SplittingConfig:
-        if len(set(self.saes)) != len(self.saes):
-            raise ValueError("an SAE dir is given twice")
-        if (self.families is not None or self.recovery) and not self.pages:
-            raise ValueError("--families and --recovery add to the split-tree pages: drop --no-pages")
-        return self
 
 
 def build_report(cfg: SplittingConfig, progress: bool = True) -> dict:

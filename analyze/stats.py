@@ -212,9 +212,16 @@ class RunningTopK:
         return {name: getattr(self, name) for name in names}
 
 
-def keyed_context_set(ranked: dict[str, torch.Tensor], n: int | None = None) -> ContextSet:
-    """The first `n` entries of a running top-k in key order (for a reservoir: a random order)."""
-    take = lambda t: t[:n].transpose(0, 1).cpu().numpy()  # noqa: E731
+def _context_set(ranked: dict[str, torch.Tensor], order: torch.Tensor | None = None) -> ContextSet:
+    """A running top-k's fields [k, L(, W)] as a ContextSet [L, k(, W)]; each latent's entries in `order`
+    [L, k] (indices into its k slots), or in key order when None."""
+
+    def take(t: torch.Tensor) -> np.ndarray:
+        t = t.transpose(0, 1).cpu()
+        if order is None:
+            return t.numpy()
+        return t.gather(1, order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[2])).numpy()
+
     return ContextSet(
         take(ranked["values"]).astype(np.float32, copy=False),
         take(ranked["contexts"]),
@@ -222,6 +229,11 @@ def keyed_context_set(ranked: dict[str, torch.Tensor], n: int | None = None) -> 
         take(ranked["win_tokens"]),
         take(ranked["win_acts"]).astype(np.float32, copy=False),
     )
+
+
+def keyed_context_set(ranked: dict[str, torch.Tensor], n: int | None = None) -> ContextSet:
+    """The first `n` entries of a running top-k in key order (for a reservoir: a random order)."""
+    return _context_set({name: t[:n] for name, t in ranked.items()})
 
 
 def ranked_context_set(ranked: dict[str, torch.Tensor], ascending: bool = False) -> ContextSet:
@@ -232,18 +244,7 @@ def ranked_context_set(ranked: dict[str, torch.Tensor], ascending: bool = False)
     """
     v = ranked["values"].T.cpu()  # [L, k]
     key = torch.where(torch.isnan(v), torch.inf if ascending else -torch.inf, v)
-    order = key.argsort(dim=1, descending=not ascending, stable=True)
-    take = lambda t: t.T.cpu().gather(1, order).numpy()  # noqa: E731
-    take3 = lambda t: (  # noqa: E731
-        t.permute(1, 0, 2).cpu().gather(1, order[..., None].expand(-1, -1, WINDOW)).numpy()
-    )
-    return ContextSet(
-        take(ranked["values"]).astype(np.float32, copy=False),
-        take(ranked["contexts"]),
-        take(ranked["positions"]),
-        take3(ranked["win_tokens"]),
-        take3(ranked["win_acts"]).astype(np.float32, copy=False),
-    )
+    return _context_set(ranked, key.argsort(dim=1, descending=not ascending, stable=True))
 
 
 class StatsAccumulator:

@@ -114,8 +114,9 @@ def synthetic_store(tokens: int, d_model: int = 576, dtype: str = "float16") -> 
     Used where the bench needs a store of a given size but not a model: loader, sweep and memory. The
     activations have d_model's width and the store's real layout (128-token contexts, 32-context chunks).
     """
+    from saepipe.harvest.config import SynthConfig
     from saepipe.harvest.store import open_store, store_exists
-    from saepipe.harvest.synthetic import SynthConfig, generate
+    from saepipe.harvest.synthetic import generate
 
     out = WORK / f"synth-{tokens}-{d_model}-{dtype}"
     store = out / "store"

@@ -15,7 +15,7 @@ COMMANDS = {
     ),
     "synth": Command(
         "generate synthetic activations with known ground-truth features into an ordinary store",
-        "saepipe.harvest.synthetic:SynthConfig",
+        "saepipe.harvest.config:SynthConfig",
         "saepipe.harvest.synthetic:run",
     ),
 }

@@ -5,7 +5,8 @@ computes a disjoint set of shards, writes their arrays, and leaves a small marke
 partial statistics in `<store>/.pending/`. Rank 0 holds the store's lease and commits shards strictly in
 order from those markers, so the store never claims a shard that is not fully written and ends with the
 same bytes as a one-process harvest (the markers are removed when it completes). No process group is
-needed: the markers are the only channel, on a local disk or an object store alike.
+needed: the markers are the only channel, on a local disk or an object store alike. No wait is endless: a
+rank that sees no progress for `--rank-timeout` seconds stops with an error, keeping what was committed.
 
 Each rank overlaps like the one-process harvest (harvester.py): packing runs ahead, and a shard's write,
 its marker and (on rank 0) the commits of every shard that is ready run in the writer thread behind the
@@ -26,6 +27,7 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
+from saepipe.errors import SaepipeError
 from saepipe.harvest.capture import Capture, Shard
 from saepipe.harvest.corpus import shard_tokens
 from saepipe.harvest.devices import RankInfo
@@ -66,6 +68,15 @@ class Markers:
             return json.loads(self.fs.cat_file(self._path(shard)))
         except FileNotFoundError:
             return None
+
+    def count(self) -> int:
+        """Markers present (a new one is progress for a waiting rank 0); listed afresh, never from a cache."""
+        self.fs.invalidate_cache(self.dir)
+        try:
+            names = self.fs.ls(self.dir, detail=False)
+        except FileNotFoundError:
+            return 0
+        return sum(1 for n in names if n.endswith(".json") and not n.endswith("/go.json"))
 
     def has(self, shard: int) -> bool:
         return self.fs.exists(self._path(shard))
@@ -110,7 +121,7 @@ def write_ranked(
     job = _job_id()
     markers = Markers(out)
     if ranks.rank > 0:
-        _wait_for_go(markers, job)
+        _wait_for_go(markers, job, ranks.rank, cfg.rank_timeout)
     writer = StoreWriter(out, settings, owner=ranks.rank == 0, lease=lease)
     if ranks.rank == 0:
         markers.put_go(job)
@@ -151,12 +162,33 @@ def write_ranked(
             behind.submit(write, part.shard, computed)
     if ranks.rank > 0:
         return RankedRun(writer.n_contexts, written, time.perf_counter() - t0)
-    while not _commit_ready(writer, markers, per):
-        time.sleep(0.2)  # the other ranks' shards
-    bar.close()
+    try:
+        _commit_the_rest(writer, markers, per, ranks.world, cfg.rank_timeout)
+    finally:
+        bar.close()  # an error then starts on a line of its own
     markers.clear()
     writer.finish()
     return RankedRun(writer.n_contexts, written, time.perf_counter() - t0)
+
+
+def _commit_the_rest(writer: StoreWriter, markers: Markers, per: int, world: int, timeout: float) -> None:
+    """Rank 0, its own shards written: commit the other ranks' shards as their markers arrive.
+
+    A rank that died or hangs would keep rank 0 waiting for ever, so once no new marker has appeared for
+    `timeout` seconds it stops with an error. Everything committed stays committed and every marker stays,
+    so rerunning the launch commits those shards without recomputing them and ends with the same bytes."""
+    seen, since = markers.count(), time.monotonic()
+    while not _commit_ready(writer, markers, per):
+        if (now := markers.count()) != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since > timeout:
+            shard = writer.n_contexts // per
+            raise SaepipeError(
+                f"harvest rank 0: no shard arrived from the other ranks in {timeout:g}s (shard {shard}, rank "
+                f"{shard % world}'s, is next); the {writer.n_contexts} contexts committed and the shards written "
+                "are kept: check that rank's output, then rerun the launch to resume (--rank-timeout sets the wait)"
+            )
+        time.sleep(0.2)
 
 
 def _commit_ready(writer: StoreWriter, markers: Markers, per: int) -> bool:
@@ -180,7 +212,13 @@ def _job_id() -> str:
     return env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
 
 
-def _wait_for_go(markers: Markers, job: str) -> None:
+def _wait_for_go(markers: Markers, job: str, rank: int, timeout: float) -> None:
     """Non-zero ranks start writing only after rank 0 has opened (or created) the store under its lease."""
+    start = time.monotonic()
     while markers.go() != job:
+        if time.monotonic() - start > timeout:
+            raise SaepipeError(
+                f"harvest rank {rank}: rank 0 gave no go-ahead in {timeout:g}s (it opens the store under its "
+                "lease first); check rank 0's output, then rerun the launch (--rank-timeout sets the wait)"
+            )
         time.sleep(0.2)

@@ -38,7 +38,7 @@ import torch
 from scipy.special import ndtr, ndtri
 
 if TYPE_CHECKING:
-    from saepipe.harvest.synthetic import SynthConfig
+    from saepipe.harvest.config import SynthConfig
 
 CHUNK_ELEMENTS = 1 << 24
 """Tokens x features drawn densely at once (64 MiB of float32)."""

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 if TYPE_CHECKING:
-    from saepipe.harvest.synthetic import SynthConfig
+    from saepipe.harvest.config import SynthConfig
 
 
 @dataclass(frozen=True)

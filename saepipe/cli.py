@@ -9,18 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable
 from typing import NoReturn
 
-from saepipe.config import Command, add_config_args, config_from_args
+from saepipe.config import Command, add_config_args, config_from_args, load
 from saepipe.errors import SaepipeError
 
 STAGES = ("harvest", "train", "analyze")
-
-
-def _load(ref: str) -> Callable:
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def commands() -> dict[str, Command]:
@@ -57,7 +51,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     for name, cmd in commands().items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if name == command:
-            add_config_args(p, _load(cmd.config))
+            add_config_args(p, load(cmd.config))
     return parser
 
 
@@ -68,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command if command in known else None).parse_args(argv)
     cmd = known[args.command]
     try:
-        cfg = config_from_args(_load(cmd.config), args)
-        return int(_load(cmd.run)(cfg) or 0)
+        cfg = config_from_args(load(cmd.config), args)
+        return int(load(cmd.run)(cfg) or 0)
     except SaepipeError as e:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # past a progress bar's last frame, which ends without a newline

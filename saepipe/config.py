@@ -8,6 +8,7 @@ model; `config_from_args` turns the flags a user gave back into a validated mode
 from __future__ import annotations
 
 import argparse
+import importlib
 import types
 import typing
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ class Command:
     """`module:Class` of the stage config; its fields become the flags."""
     run: str
     """`module:function` taking the validated config and returning an exit code."""
+
+
+def load(ref: str) -> Any:
+    """The object a `module:name` reference names, imported only now (declarations stay import-light)."""
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class StageConfig(BaseModel):

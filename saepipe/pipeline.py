@@ -15,14 +15,16 @@ reuses the harvest; a stage whose settings or inputs changed is redone (its old 
 removed first); `--force STAGE` redoes one regardless. Harvests land in the shared cache unless
 `harvest.out` is set, so pipelines that need the same store find it there.
 
-What each stage is to a pipeline (config, how it connects to earlier outputs, how it runs) is declared in
-`saepipe.stages`; the runner iterates over those declarations.
+What each stage is to a pipeline (config, how it connects to earlier outputs, how it runs) is declared
+beside its commands, in `saepipe.harvest.stage`, `saepipe.train.stage` and `saepipe.analyze.stage`; the
+runner iterates over those declarations (`DECLARING`).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -35,8 +37,13 @@ import saepipe
 from saepipe.config import StageConfig, describe_validation_error
 from saepipe.errors import SaepipeError
 from saepipe.files import write_text_atomic
-from saepipe.stages import BY_NAME, DECLARED, STAGES, load
+from saepipe.stages import Stage, load
 
+DECLARING = ("saepipe.harvest.stage", "saepipe.train.stage", "saepipe.analyze.stage")
+"""The modules whose `STAGES` declare what each stage is to a pipeline, in the order the stages run."""
+DECLARED: tuple[Stage, ...] = tuple(s for m in DECLARING for s in importlib.import_module(m).STAGES)
+STAGES = tuple(s.name for s in DECLARED)
+BY_NAME = {s.name: s for s in DECLARED}
 SOURCE_STAGES = tuple(s.name for s in DECLARED if s.source)
 
 

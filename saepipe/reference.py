@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic_core import PydanticUndefined
 
-from saepipe.cli import _load, commands
-from saepipe.config import _flag, _unwrap_optional
+from saepipe.cli import commands
+from saepipe.config import _flag, _unwrap_optional, load
 
 HEADER = """# saepipe command and config reference
 
@@ -36,7 +36,7 @@ def _default(field: Any) -> str:
 def render() -> str:
     parts = [HEADER]
     for name, cmd in commands().items():
-        model = _load(cmd.config)
+        model = load(cmd.config)
         parts.append(f"\n## `saepipe {name}`\n\n{cmd.help[0].upper() + cmd.help[1:]}.\n")
         parts.append("| flag / YAML key | type | default | meaning |\n|---|---|---|---|")
         for fname, field in model.model_fields.items():

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from helpers import tree_digest
+from helpers import committed, error_lines, tree_digest
 from test_harvest import _args, _config
 
 from saepipe.harvest import open_store
@@ -33,3 +34,40 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, small_corpus):
     assert open_store(str(two)).n_contexts == 200
     assert not (two / ".pending").exists()
     assert tree_digest(two) == tree_digest(one)
+
+
+def test_a_rank_that_never_comes_times_out_and_the_launch_reruns(tmp_path, tiny_model_dir, small_corpus):
+    """Rank 1 alone waits for a rank 0 that never starts; rank 0 alone waits for shards rank 1 never writes.
+
+    Each stops after --rank-timeout with one line naming what never arrived, and a full launch afterwards
+    resumes from what rank 0 left (committed shard, markers) to the bytes of a one-process harvest."""
+    one, store = tmp_path / "one", tmp_path / "store"
+    harvest(_config(_args(tiny_model_dir, small_corpus, one)), progress=False)
+    argv = [sys.executable, "-m", "saepipe", "harvest", *_args(tiny_model_dir, small_corpus, store)]
+    argv += ["--rank-timeout", "2"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC")}
+    env |= {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+
+    def alone(rank: int) -> str:
+        proc = subprocess.run(argv, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [x for x in error_lines(proc.stderr) if not x.startswith("harvest: ")]  # rank 0's bar
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return lines[0]
+
+    assert "harvest rank 1: rank 0 gave no go-ahead in 2s" in alone(1)
+    assert not store.exists() or not any(store.iterdir())  # a rank > 0 never writes before the go-ahead
+
+    line = alone(0)
+    assert "harvest rank 0: no shard arrived from the other ranks in 2s (shard 1, rank 1's, is next)" in line
+    assert committed(store) == 8  # shard 0 (rank 0's) committed; its other shards wait as markers
+    markers = sorted(p.name for p in (store / ".pending").glob("*.json"))
+    assert markers == sorted(["go.json", *(f"{s}.json" for s in range(0, 25, 2))])
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "saepipe", "harvest", *_args(tiny_model_dir, small_corpus, store)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (store / ".pending").exists()
+    assert tree_digest(store) == tree_digest(one)

@@ -295,3 +295,35 @@ def test_synthetic_pipeline_writes_the_recovery_table(tmp_path, capsys):
     assert len(rows) == 4  # 2 architectures x 2 widths
     data = json.loads((tmp_path / "runs" / "syn" / "recovery" / "table.json").read_text())
     assert data and "L0" in table and "FVU" in table
+
+
+def test_stages_declare_themselves_in_one_direction_without_heavy_imports():
+    """Each stage package declares its own stages; imports point harvest <- train <- analyze, the bottom
+    layer imports no stage, and collecting every declaration (what `saepipe run` does first) loads no torch."""
+    import ast
+    import subprocess
+    import sys
+
+    from saepipe.cli import commands
+    from saepipe.pipeline import DECLARED, DECLARING
+
+    assert [s.name for s in DECLARED] == ["harvest", "synth", "train", "families", "analyze", "evaluate",
+                                          "recovery", "splitting"]  # fmt: skip
+    assert all(commands()[s.name].config == s.config for s in DECLARED)  # the config its command parses
+    forbidden = {"harvest": ("saepipe.train", "saepipe.analyze"), "train": ("saepipe.analyze",)}
+    bottom = ["saepipe/config.py", "saepipe/errors.py", "saepipe/files.py", "saepipe/stages.py"]
+    files = [*(f for d in forbidden for f in (REPO / d).rglob("*.py")), *(REPO / f for f in bottom)]
+    for f in files:
+        banned = forbidden.get(
+            f.relative_to(REPO).parts[0], ("saepipe.harvest", "saepipe.train", "saepipe.analyze")
+        )
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.startswith(banned)]
+            assert not bad, f"{f.relative_to(REPO)} imports {bad}"
+    code = "import sys, saepipe.pipeline as p; print(len(p.DECLARED), 'torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [str(len(DECLARED)), "False"] and len(DECLARING) == 3

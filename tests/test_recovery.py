@@ -29,7 +29,8 @@ from saepipe.analyze.recovery import (
 )
 from saepipe.cli import main
 from saepipe.harvest import open_store
-from saepipe.harvest.synthetic import SynthConfig, generate, open_truth
+from saepipe.harvest.config import SynthConfig
+from saepipe.harvest.synthetic import generate, open_truth
 
 N, n, d = 3000, 12, 8
 

@@ -16,7 +16,8 @@ import scipy.sparse as sp
 from helpers import chromium_driver, chromium_missing
 from safetensors.numpy import save_file
 
-from saepipe.analyze.splitting import SplittingConfig, build_report, cofiring, link_latents
+from saepipe.analyze.config import SplittingConfig
+from saepipe.analyze.splitting import build_report, cofiring, link_latents
 from saepipe.cli import main
 from saepipe.harvest.store import StoreWriter
 

@@ -12,8 +12,9 @@ import pytest
 from scipy.stats import multivariate_normal, norm
 
 from saepipe.harvest import open_store
+from saepipe.harvest.config import SynthConfig
 from saepipe.harvest.synth_bench import build_tree, zipf_probabilities
-from saepipe.harvest.synthetic import SynthConfig, generate, make_features, open_truth
+from saepipe.harvest.synthetic import generate, make_features, open_truth
 
 SMALL = {"recipe": "synthsaebench", "n_features": 256, "d_model": 24, "orthogonalize_steps": 20}
 

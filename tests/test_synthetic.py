@@ -17,7 +17,8 @@ from helpers import committed
 
 from saepipe.cli import main
 from saepipe.harvest import open_store
-from saepipe.harvest.synthetic import SynthConfig, fingerprint_of, generate, make_features, open_truth
+from saepipe.harvest.config import SynthConfig
+from saepipe.harvest.synthetic import fingerprint_of, generate, make_features, open_truth
 
 SMALL = {
     "n_features": 64,

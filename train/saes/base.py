@@ -272,3 +272,21 @@ class StepContext:
     pre_values: torch.Tensor  # [nnz] with grad
     recon: torch.Tensor  # [n, d_in] with grad
     sparsity_scale: float
+
+
+class ThresholdSAE(SAE):
+    """An SAE whose inference code is pre * (pre > threshold), with a per-latent `threshold` [d_sae] saved in
+    its dir: JumpReLU learns it, BatchTopK estimates it while training (registers no architecture itself)."""
+
+    has_threshold: ClassVar[bool] = True
+    threshold: torch.Tensor  # [d_sae]: a buffer or a property of the subclass
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x)
+        return pre * (pre > self.threshold)
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        """Pairs above the threshold (and above 0, as encode's non-zero values are), from pre directly."""
+        pre = self.pre_acts(x)
+        rows, latents = torch.nonzero((pre > self.threshold) & (pre > 0), as_tuple=True)
+        return SparseCode(rows, latents, pre[rows, latents], x.shape[0])

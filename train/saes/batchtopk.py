@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from saepipe.train.saes.base import SAE, SparseCode, StepContext
+from saepipe.train.saes.base import StepContext, ThresholdSAE
 from saepipe.train.saes.sparse import dense_mode
 from saepipe.train.saes.topk import auxk_loss
 
@@ -44,10 +44,9 @@ def batch_topk_reference(acts: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return flat // d_sae, flat % d_sae
 
 
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(ThresholdSAE):
     architecture = "batchtopk"
     uses_k = True
-    has_threshold = True
     default_hparams: ClassVar[dict[str, Any]] = {
         "auxk_coefficient": 1 / 32,
         "auxk_k": None,
@@ -58,16 +57,6 @@ class BatchTopKSAE(SAE):
         super().__init__(*args, **kwargs)
         self.register_buffer("threshold", torch.zeros(self.d_sae))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.pre_acts(x)
-        return pre * (pre > self.threshold)
-
-    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
-        """Pairs above the threshold (and above 0, as encode's non-zero values are), from pre directly."""
-        pre = self.pre_acts(x)
-        rows, latents = torch.nonzero((pre > self.threshold) & (pre > 0), as_tuple=True)
-        return SparseCode(rows, latents, pre[rows, latents], x.shape[0])
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_topk_support(torch.relu(pre), self.active_k)

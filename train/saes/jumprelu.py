@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from saepipe.train.saes.base import SAE, SparseCode, StepContext
+from saepipe.train.saes.base import StepContext, ThresholdSAE
 
 
 def _window(x: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -51,9 +51,8 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(x), -(1.0 / bw) * _window(x, threshold, bw) * g, None
 
 
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(ThresholdSAE):
     architecture = "jumprelu"
-    has_threshold = True
     default_hparams: ClassVar[dict[str, Any]] = {
         "l0_coefficient": 1.0,
         "bandwidth": 0.001,
@@ -77,16 +76,6 @@ class JumpReLUSAE(SAE):
             self.log_threshold.copy_(value.log())
         else:
             super().set_tensor(name, value)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.pre_acts(x)
-        return pre * (pre > self.threshold)
-
-    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
-        """Pairs above the threshold (and above 0, as encode's non-zero values are), from pre directly."""
-        pre = self.pre_acts(x)
-        rows, latents = torch.nonzero((pre > self.threshold) & (pre > 0), as_tuple=True)
-        return SparseCode(rows, latents, pre[rows, latents], x.shape[0])
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lowest = self.threshold.detach() - self.hparams["bandwidth"] / 2
