@@ -21,21 +21,30 @@ def _families_configs(r: Any, ctx: dict) -> Configs:
     return [("families", r.build("families", {**fill, "store": ctx.get("store"), "out": str(r.out / "families")}))]  # fmt: skip
 
 
-def _families_predicted(r: Any, ctx: dict) -> dict:
+def _families_outputs(cfg: Any, saes: dict[str, str]) -> dict:
+    """The merged dirs join the SAEs the later stages work on; `merged` names them, and `families` is the
+    report dir whose pages the split trees show (None without pages)."""
     from saepipe.analyze.families_cmd import merged_dirs
 
-    return {"sae_dirs": {**ctx["sae_dirs"], **merged_dirs(r.configs("families", ctx)[0][1])}}
+    merged = merged_dirs(cfg)
+    return {
+        "sae_dirs": dict(sorted({**saes, **merged}.items())),  # the order a stamp gives back (sorted keys)
+        "merged": sorted(merged),
+        "families": cfg.out if cfg.pages else None,
+    }
+
+
+def _families_predicted(r: Any, ctx: dict) -> dict:
+    return _families_outputs(r.configs("families", ctx)[0][1], ctx["sae_dirs"])
 
 
 def _run_families(configs: Configs) -> dict:
-    """One families run; its merged dirs join the SAEs the later stages work on."""
-    from saepipe.analyze.families_cmd import merged_dirs, run
+    from saepipe.analyze.families_cmd import run
 
     ((_, cfg),) = configs
     run(cfg)
     given = {Path(p).name: p for p in [cfg.sae, *cfg.ladder, *cfg.baselines]}
-    saes = dict(sorted({**given, **merged_dirs(cfg)}.items()))  # the order a stamp gives back (sorted keys)
-    return {"sae_dirs": saes, "files": [str(Path(cfg.out) / "families.json")]}
+    return _families_outputs(cfg, given) | {"files": [str(Path(cfg.out) / "families.json")]}
 
 
 def _per_sae(stage: str, fill: Callable[[Any, dict, str, str], dict]) -> Callable[[Any, dict], Configs]:
@@ -60,12 +69,22 @@ def _each(stage: str, out_key: str) -> Callable[[Configs], dict]:
 
 
 def _splitting_configs(r: Any, ctx: dict) -> Configs:
+    """The trained SAEs (merged dirs are shown as the families' pages, not as rungs of the ladder), with the
+    families report and the recovery reports of the stages before it, when the pipeline has them."""
+    saes = {n: d for n, d in ctx["sae_dirs"].items() if n not in ctx.get("merged", [])}
+    reports = ctx.get("recovery_reports", {})
     fill = {
-        "saes": list(ctx["sae_dirs"].values()),
+        "saes": list(saes.values()),
         "store": ctx.get("store"),
         "out": str(r.out / "splitting"),
+        "families": ctx.get("families"),
+        "recovery": [reports[n] for n in saes if n in reports],
     }
     return [("splitting", r.build("splitting", fill))]
+
+
+def _recovery_predicted(r: Any, ctx: dict) -> dict:
+    return {"recovery_reports": {n: c.out for n, c in r.configs("recovery", ctx)}}
 
 
 def _run_recovery(configs: Configs) -> dict:
@@ -87,7 +106,10 @@ def _run_recovery(configs: Configs) -> dict:
     print(
         f"\nrecovery by feature frequency (rarest decile first), also in {out / 'table.md'}:\n{table.markdown}"
     )
-    return {"files": [str(c.out) for _, c in configs] + [str(out / "table.md")]}
+    return {
+        "files": [str(c.out) for _, c in configs] + [str(out / "table.md")],
+        "recovery_reports": {n: c.out for n, c in configs},
+    }
 
 
 STAGES = (
@@ -101,7 +123,7 @@ STAGES = (
     Stage("recovery", COMMANDS["recovery"].config,
           _per_sae("recovery", lambda r, ctx, n, d: {"sae": d, "truth": ctx.get("truth"), "store": ctx.get("store"),
                                                      "out": str(r.out / "recovery" / f"{n}.json")}),
-          _run_recovery),
+          _run_recovery, _recovery_predicted),
     Stage("splitting", COMMANDS["splitting"].config, _splitting_configs, _each("splitting", "out"), pages=True),
 )  # fmt: skip
 """In the order they run, after train."""

@@ -232,8 +232,9 @@ def test_family_pages_inside_the_split_tree_pages(tmp_path, world, capsys):  # n
 
 
 def test_families_stage_in_a_pipeline(tmp_path, capsys):
-    """train -> families -> recovery: the merged dir is scored beside the SAEs it came from, labelled as
-    merged, and a rerun skips every stage."""
+    """train -> families -> recovery -> splitting: the merged dir is scored beside the SAEs it came from,
+    labelled as merged; the split trees are of the trained SAEs, with the family pages inside and every
+    SAE's absorbed parents; a rerun skips every stage."""
     pipelines = {
         "over": {
             "out": str(tmp_path / "runs" / "over"),
@@ -242,8 +243,9 @@ def test_families_stage_in_a_pipeline(tmp_path, capsys):
                       "children_per_parent": 2},
             "train": {"arch": "topk", "width": [32, 96], "k": 2, "tokens": 16384, "batch_size": 512,
                       "buffer_tokens": 2048, "lr": 0.003, "log_every": 16, "checkpoint_every": 16},
-            "families": {"width": [48], "max_cofire": 1.0, "pages": False},
+            "families": {"width": [48], "max_cofire": 1.0, "top_contexts": 2},
             "recovery": {"n_bins": 4},
+            "splitting": {"top_contexts": 2},
         }
     }  # fmt: skip
     path = tmp_path / "pipelines.yaml"
@@ -258,5 +260,10 @@ def test_families_stage_in_a_pipeline(tmp_path, capsys):
     assert (runs / "recovery" / "topk-w96-k2-merged-w48.json").exists()
     table = (runs / "recovery" / "table.md").read_text()
     assert table.strip() in out and "| topk merged from topk-w96-k2 (k=2) | 48 |" in table
+    splits = json.loads((runs / "splitting" / "splits.json").read_text())
+    assert [Path(x["path"]).name for x in splits["saes"]] == ["topk-w32-k2", "topk-w96-k2"]
+    assert (runs / "splitting" / "families" / "data" / "families.js").exists()
+    data = json.loads((runs / "splitting" / "data" / "splits.js").read_text()[len("SAEPIPE.setSplits(") : -3])
+    assert data["families"]["sae"] == 1 and [a["sae"] for a in data["absorbed"]] == [0, 1]
     assert main(["run", "over", "--config", str(path)]) == 0
-    assert capsys.readouterr().out.count("up to date, skipped") == 4
+    assert capsys.readouterr().out.count("up to date, skipped") == 5
