@@ -28,6 +28,16 @@ def test_schedules():
     assert scales[0] == 0.02 and scales[49] == 1.0 and scales[-1] == 1.0
 
 
+def test_lr_scales_with_the_square_root_of_the_width_ratio():
+    """With lr_reference_width R, an SAE of width W trains at lr * sqrt(R / W) through the whole schedule."""
+    plain = TrainConfig(stores=["s"], hook="h", out="o", lr=0.02, lr_warmup=0.1, lr_decay=0.2)
+    ladder = plain.model_copy(update={"lr_reference_width": 512})
+    for width, ratio in ((512, 1.0), (2048, 0.5), (128, 2.0)):
+        for s in range(100):
+            assert np.isclose(lr_at(s, 100, ladder, width), ratio * lr_at(s, 100, plain, width))
+    assert lr_at(50, 100, ladder) == lr_at(50, 100, plain) == 0.02  # no width: the run's own schedule
+
+
 def test_k_anneal_falls_linearly_to_k_then_stops():
     cfg = TrainConfig(stores=["s"], hook="h", out="o", k_anneal=0.5, k_anneal_start=4.0)
     ks = [k_at(s, 100, cfg, 10, 2048) for s in range(100)]

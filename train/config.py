@@ -57,6 +57,9 @@ class TrainConfig(StageConfig):
     """Tokens per step on each rank (the global batch is batch_size x number of processes)."""
     lr: float = Field(4e-4, gt=0)
     """Adam learning rate after warm-up."""
+    lr_reference_width: int | None = Field(None, gt=0)
+    """Scale the learning rate of each SAE by sqrt(reference / width), as dictionary_learning and sparsify do,
+    so one `lr` suits a whole width ladder (`lr` is then the rate at this width); default: one rate for all."""
     lr_warmup: float = Field(0.01, ge=0, le=1)
     """Fraction of steps over which the learning rate rises linearly from 0."""
     lr_decay: float = Field(0.2, ge=0, le=1)

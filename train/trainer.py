@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ class TrainResult:
     already_complete: bool = False
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, cfg: TrainConfig, width: int | None = None) -> float:
+    """The learning rate at `step` of `total`: warm-up, plateau, decay; scaled for `width` when the run has
+    an `lr_reference_width`."""
+    scale = math.sqrt(cfg.lr_reference_width / width) if cfg.lr_reference_width and width else 1.0
     warm = max(1, round(cfg.lr_warmup * total)) if cfg.lr_warmup > 0 else 0
     decay = round(cfg.lr_decay * total)
     factor = 1.0
@@ -60,7 +64,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         factor = (step + 1) / warm
     if decay and step >= total - decay:
         factor = min(factor, (total - step) / decay)
-    return cfg.lr * factor
+    return cfg.lr * scale * factor
 
 
 def k_at(step: int, total: int, cfg: TrainConfig, k: int | None, width: int) -> int | None:
@@ -211,7 +215,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             for name, sae in saes.items():
                 if step >= totals[name]:
                     continue  # this SAE's budget is spent; the stream goes on for the larger ones
-                lr, scale = lr_at(step, totals[name], cfg), sparsity_at(step, totals[name], cfg)
+                lr, scale = lr_at(step, totals[name], cfg, sae.d_sae), sparsity_at(step, totals[name], cfg)
                 sae.train_k = k_at(step, totals[name], cfg, sae.k, sae.d_sae)
                 with autocast:
                     res = sae_step(sae, optimizers[name], batch.x, lr, scale, n_tokens=global_batch)
