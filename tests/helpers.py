@@ -97,3 +97,15 @@ def chromium_driver(profile_dir: Path):
     opts.add_argument(f"--user-data-dir={profile_dir}")
     opts.binary_location = shutil.which("chromium")
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def open_page(driver, page: Path):
+    """Load a static report page from file:// and wait until its script has rendered (body[data-ready]);
+    returns the WebDriverWait for the next waits."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 20)
+    driver.get(page.as_uri())
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    return wait

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import chromium_driver, chromium_missing, write_relu_sae
+from helpers import chromium_driver, chromium_missing, open_page, write_relu_sae
 
 from saepipe.analyze.report import MARK_CLOSE, MARK_OPEN, Report
 from saepipe.cli import main
@@ -167,12 +167,9 @@ def browser(tmp_path_factory):
 
 def test_dashboard_in_a_real_browser(browser, report_dir):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     rep = Report.open(report_dir)
-    wait = WebDriverWait(browser, 20)
-    browser.get((report_dir / "index.html").as_uri())
-    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    wait = open_page(browser, report_dir / "index.html")
     rows = browser.find_elements(By.CSS_SELECTOR, "#rows tr")
     ranking = rep.ranking()
     assert [int(r.get_attribute("data-latent")) for r in rows] == ranking[:100]
@@ -263,14 +260,12 @@ def test_analyze_reads_a_topk_sae_written_by_the_train_stage(tmp_path, tiny_stor
 
 def test_dashboard_shows_explanations_scores_and_sorts_by_any_score(browser, report_dir):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
     from saepipe.analyze.dashboard import _predicted
 
     rep = Report.open(report_dir)
-    wait = WebDriverWait(browser, 20)
-    browser.get((report_dir / "index.html").as_uri())
-    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    wait = open_page(browser, report_dir / "index.html")
     info = rep.meta["ranking"]
     assert browser.find_element(By.ID, "ties").text.endswith(
         f"{info['ranked']} latents, {info['tied']} tied, {info['unscored']} unscored"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import chromium_driver, chromium_missing, write_relu_sae
+from helpers import chromium_driver, chromium_missing, open_page, write_relu_sae
 from test_families import FAMILY_P, D, _narrow, _wide, world  # noqa: F401  (world is a fixture)
 
 from saepipe.cli import main
@@ -128,7 +128,6 @@ def test_family_page_in_a_real_browser(tmp_path, world):  # noqa: F811
     if reason:
         pytest.skip(reason)
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from saepipe.analyze.families_build import build_report
     from saepipe.analyze.families_cmd import FamiliesConfig
@@ -150,9 +149,7 @@ def test_family_page_in_a_real_browser(tmp_path, world):  # noqa: F811
     fam = next(f for f in rep["cuts"][0]["families"] if sorted(m["latent"] for m in f["members"]) == FAMILY_P)
     driver = chromium_driver(tmp_path / "profile")
     try:
-        wait = WebDriverWait(driver, 20)
-        driver.get((out / "index.html").as_uri())
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        wait = open_page(driver, out / "index.html")
         roles = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#tradeoff tr td:nth-child(2)")]
         assert roles == ["wide", "merged, exact code", "merged", "ladder"]
         driver.get((out / "index.html").as_uri() + "#cut/0")
@@ -184,7 +181,6 @@ def test_family_pages_inside_the_split_tree_pages(tmp_path, world, capsys):  # n
     if reason:
         pytest.skip(reason)
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     _, store, *_ = world
     wide, narrow = _wide(tmp_path, store), _narrow(tmp_path, store)
@@ -203,9 +199,7 @@ def test_family_pages_inside_the_split_tree_pages(tmp_path, world, capsys):  # n
     fam = next(f for f in rep["cuts"][0]["families"] if sorted(m["latent"] for m in f["members"]) == FAMILY_P)
     driver = chromium_driver(tmp_path / "profile")
     try:
-        wait = WebDriverWait(driver, 20)
-        driver.get((sp / "index.html").as_uri())
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        wait = open_page(driver, sp / "index.html")
         cut = driver.find_element(By.CSS_SELECTOR, "#family-cuts a")
         assert cut.text == rep["cuts"][0]["name"] and cut.get_attribute("href").endswith(
             "families/index.html#cut/0"

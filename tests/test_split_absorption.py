@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import chromium_driver, chromium_missing
+from helpers import chromium_driver, chromium_missing, open_page
 from test_recovery import _relu_sae
 
 from saepipe.cli import main
@@ -55,7 +55,6 @@ def test_absorbed_parents_link_their_takers_split_trees(tmp_path, absorbed_world
     if reason:
         pytest.skip(reason)
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     truth, narrow, wide, reports, p = absorbed_world
     rec = json.loads(reports[0].read_text())
@@ -80,9 +79,7 @@ def test_absorbed_parents_link_their_takers_split_trees(tmp_path, absorbed_world
     assert kids.get(0), "latent 0 of the narrow SAE has children one width up"
     driver = chromium_driver(tmp_path / "profile")
     try:
-        wait = WebDriverWait(driver, 20)
-        driver.get((out / "index.html").as_uri())
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        wait = open_page(driver, out / "index.html")
         tables = driver.find_elements(By.CSS_SELECTOR, "table.absorbed")
         assert [t.get_attribute("data-sae") for t in tables] == ["0", "1"]
         shown = [

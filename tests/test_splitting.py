@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import chromium_driver, chromium_missing
+from helpers import chromium_driver, chromium_missing, open_page
 from safetensors.numpy import save_file
 
 from saepipe.analyze.config import SplittingConfig
@@ -292,7 +292,6 @@ def test_split_page_in_a_real_browser(tmp_path, world):
         pytest.skip(reason)
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     root, _, _ = world
     narrow, wide, _ = _ladder(tmp_path, blur=True)
@@ -306,9 +305,7 @@ def test_split_page_in_a_real_browser(tmp_path, world):
     )
     driver = chromium_driver(tmp_path / "profile")
     try:
-        wait = WebDriverWait(driver, 20)
-        driver.get((out / "index.html").as_uri())
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        wait = open_page(driver, out / "index.html")
         assert "agree on 100.0% of their latents" in driver.find_element(By.ID, "verdict").text
         assert "seeds 100.0%" in driver.find_element(By.CSS_SELECTOR, ".level-summary").text
         rows = driver.find_elements(By.CSS_SELECTOR, "table.parents tr[data-latent]")
