@@ -109,3 +109,16 @@ def open_page(driver, page: Path):
     driver.get(page.as_uri())
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
     return wait
+
+
+def assert_same_weights(got_run: Path, want_run: Path, names: tuple[str, ...]) -> None:
+    """The named SAE dirs of two runs hold exactly the same tensors (bit for bit)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    for name in names:
+        got = load_file(str(got_run / name / "sae_weights.safetensors"))
+        want = load_file(str(want_run / name / "sae_weights.safetensors"))
+        assert set(got) == set(want), name
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}/{key}")

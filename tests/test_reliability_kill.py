@@ -19,9 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from helpers import committed, tree_digest
-from safetensors.numpy import load_file
+from helpers import assert_same_weights, committed, tree_digest
 
 H1 = "blocks.1.hook_resid_post"
 _CTX = None
@@ -144,12 +142,7 @@ def test_train_killed_many_times_ends_with_the_same_weights(tmp_path, tiny_store
     assert kills >= 20, f"{kills} of {attempts} kills landed; points {points}"
     assert len(set(points)) >= 8, f"kill points not varied: {points}"
     run_to_end(argv(out))
-    for name in ("topk-w64-k4", "jumprelu-w64"):
-        got = load_file(str(out / name / "sae_weights.safetensors"))
-        want = load_file(str(ref / name / "sae_weights.safetensors"))
-        assert set(got) == set(want)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}/{key}")
+    assert_same_weights(out, ref, ("topk-w64-k4", "jumprelu-w64"))
 
 
 def test_analyze_killed_many_times_ends_with_the_same_report(tmp_path, tiny_store):

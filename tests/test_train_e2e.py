@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
+from helpers import assert_same_weights
 
 from saepipe.cli import main
 from saepipe.harvest import open_store
@@ -103,12 +103,7 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_store, tmp_path):
     res = subprocess.run(_command(tiny_store, out), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resuming" in res.stdout
-    for name in ("topk-w256-k8", "jumprelu-w256"):
-        got = load_file(str(out / name / "sae_weights.safetensors"))
-        want = load_file(str(reference / name / "sae_weights.safetensors"))
-        assert set(got) == set(want)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}/{key}")
+    assert_same_weights(out, reference, ("topk-w256-k8", "jumprelu-w256"))
 
 
 def test_checkpoint_left_only_as_old_is_recovered(tmp_path):
