@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 import saepipe
 from saepipe.config import StageConfig, describe_validation_error
@@ -47,8 +47,8 @@ BY_NAME = {s.name: s for s in DECLARED}
 SOURCE_STAGES = tuple(s.name for s in DECLARED if s.source)
 
 
-class PipelineSpec(BaseModel):
-    """One named pipeline in pipelines.yaml."""
+class _PipelineHead(BaseModel):
+    """One named pipeline in pipelines.yaml: these fields, then one section per declared stage."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     description: str = ""
@@ -57,17 +57,12 @@ class PipelineSpec(BaseModel):
     """Another pipeline whose sections this one starts from."""
     out: str | None = None
     """Where this pipeline's outputs go (default runs/<pipeline name>)."""
-    harvest: dict[str, Any] | None = None
-    synth: dict[str, Any] | None = None
-    train: dict[str, Any] | None = None
-    families: dict[str, Any] | None = None
-    analyze: dict[str, Any] | None = None
-    evaluate: dict[str, Any] | None = None
-    recovery: dict[str, Any] | None = None
-    splitting: dict[str, Any] | None = None
 
 
-assert set(STAGES) <= set(PipelineSpec.model_fields), "every declared stage is a pipeline section"
+PipelineSpec = create_model(
+    "PipelineSpec", __base__=_PipelineHead, **{s: (dict[str, Any] | None, None) for s in STAGES}
+)
+REQUIRED_STAGES = tuple(s.name for s in DECLARED if s.required)
 
 
 class PipelinesFile(BaseModel):
@@ -179,8 +174,11 @@ class Runner:
         self.description = sections.pop("description", "")
         self.sections: dict[str, dict] = sections
         sources = [s for s in SOURCE_STAGES if s in sections]
-        if len(sources) != 1 or "train" not in sections:
-            raise SaepipeError(f"{self.where()}: a pipeline needs one of harvest/synth and a train section")
+        if len(sources) != 1 or not all(s in sections for s in REQUIRED_STAGES):
+            raise SaepipeError(
+                f"{self.where()}: a pipeline needs one of {'/'.join(SOURCE_STAGES)} and a "
+                f"{' and a '.join(REQUIRED_STAGES)} section"
+            )
         for stage in [*cfg.force, *([cfg.only] if cfg.only else [])]:
             if stage not in sections:
                 raise SaepipeError(

@@ -33,6 +33,8 @@ class Stage:
     """The outputs as far as they are known before running (for validation and --dry-run)."""
     source: bool = False
     """Makes the store (harvest, synth): a pipeline has exactly one, and its digest is the store's."""
+    required: bool = False
+    """Every pipeline has it (train)."""
     owns_out: bool = True
     """Its outputs live under `<pipeline out>/<name>`, which a redo may clear (a cached store does not)."""
     want_extra: Callable[[Configs], dict[str, Any]] | None = None

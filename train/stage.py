@@ -28,5 +28,5 @@ def _run_train(configs: Configs) -> dict:
 
 STAGES = (
     Stage("train", COMMANDS["train"].config, _train_configs, _run_train,
-          lambda r, ctx: _sae_dirs(_train_configs(r, ctx)[0][1])),
+          lambda r, ctx: _sae_dirs(_train_configs(r, ctx)[0][1]), required=True),
 )  # fmt: skip
