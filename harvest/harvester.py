@@ -74,7 +74,9 @@ def store_settings(cfg: HarvestConfig, model: LoadedModel) -> dict:
             "dtype": cfg.model_dtype,
         },
         "tokenizer": {
-            "name": str(getattr(tok, "name_or_path", "")),
+            # --model's tokenizer, by that name: a packaged or .gguf model's local conversion has a path that
+            # differs between installs, which would give one store as many cache keys
+            "name": cfg.model,
             "vocab_size": len(tok),
             "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,

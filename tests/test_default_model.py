@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -57,3 +59,27 @@ def test_default_harvest_matches_hf_forward(tmp_path, default_model_dir, small_c
     got = store.activations("blocks.3.hook_resid_post").astype(np.float32)
     # float16 storage: relative error ~5e-4 of each value's magnitude
     np.testing.assert_allclose(got, hidden.numpy(), rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_store_key_does_not_depend_on_where_the_model_was_converted(tmp_path, monkeypatch, small_corpus):
+    """The packaged model is converted into a directory whose name varies with the install (and here with
+    SAEPIPE_HOME); its store's settings, and so its cache key, must be the same either way."""
+    from saepipe.harvest.cache import store_key
+    from saepipe.harvest.models import local_checkpoint
+
+    settings, conversions = [], []
+    for home in ("a", "b"):
+        if conversions:  # the same conversion in another home, copied rather than redone (slow)
+            monkeypatch.setenv("SAEPIPE_HOME", str(tmp_path / home))
+            shutil.copytree(conversions[0], tmp_path / home / "models" / conversions[0].name)
+        conversions.append(local_checkpoint("smollm2-135m"))  # first: the one every other test uses
+        out = tmp_path / home / "store"
+        harvest(
+            HarvestConfig(out=str(out), dataset=str(small_corpus), hooks=["blocks.0.hook_resid_post"],
+                          tokens=2 * 32, context_size=32, batch_size=2, contexts_per_chunk=2, chunks_per_shard=1),
+            progress=False,
+        )  # fmt: skip
+        settings.append(open_store(str(out)).settings)
+    assert conversions[0] != conversions[1]  # two conversions, in two places
+    assert settings[0] == settings[1] and store_key(settings[0]) == store_key(settings[1])
