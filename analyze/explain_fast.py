@@ -16,6 +16,7 @@ import itertools
 
 import numpy as np
 
+from saepipe.analyze.contexts import WINDOW, WINDOW_BEFORE, ContextSet
 from saepipe.analyze.explain import (
     MAX_PATTERNS,
     MIN_SHARE,
@@ -26,7 +27,6 @@ from saepipe.analyze.explain import (
 )
 from saepipe.analyze.heldout import SCORED_SLOTS, Split, is_build
 from saepipe.analyze.scoring import Scores
-from saepipe.analyze.stats import WINDOW, WINDOW_BEFORE, ContextSet
 
 
 def _flat_windows(cs: ContextSet, keep) -> tuple[np.ndarray, ...]:

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from saepipe.analyze.contexts import WINDOW, ContextSet
 from saepipe.analyze.explain import MAX_PATTERNS, Explanation, explain
 from saepipe.analyze.heldout import Split, is_build
 from saepipe.analyze.scoring import Scores, score_explanation
-from saepipe.analyze.stats import WINDOW, ContextSet, LatentStats
+from saepipe.analyze.stats import LatentStats
 
 
 @dataclass

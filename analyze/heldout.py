@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from saepipe.analyze.contexts import WINDOW, WINDOW_BEFORE, ContextSet
 from saepipe.analyze.explain import MAX_CONTEXT, window_keys
-from saepipe.analyze.stats import WINDOW, WINDOW_BEFORE, ContextSet, LatentStats
+from saepipe.analyze.stats import LatentStats
 
 SCORED_SLOTS = slice(MAX_CONTEXT, WINDOW)
 """Window slots whose n-grams are fully inside the window."""

@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from saepipe.analyze.stats import WINDOW_BEFORE, LatentStats
+from saepipe.analyze.contexts import WINDOW_BEFORE
+from saepipe.analyze.stats import LatentStats
 
 
 def peak_tokens(stats: LatentStats) -> np.ndarray:

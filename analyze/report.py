@@ -44,12 +44,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from safetensors.numpy import load_file, save_file
 
+from saepipe.analyze.contexts import WINDOW_AFTER, WINDOW_BEFORE, ContextSet
 from saepipe.analyze.explain import decode_key
 from saepipe.analyze.explanations import ExplanationTable, heldout_examples
 from saepipe.analyze.logits import LogitEffects
 from saepipe.analyze.ranking import RANKING_KEYS, classify, order, peak_tokens, scores, tied
 from saepipe.analyze.scoring import Scores
-from saepipe.analyze.stats import HIST_EDGES, WINDOW_AFTER, WINDOW_BEFORE, ContextSet, LatentStats
+from saepipe.analyze.stats import HIST_EDGES, LatentStats
 from saepipe.errors import SaepipeError
 from saepipe.files import write_atomic, write_text_atomic
 

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from saepipe.analyze.contexts import WINDOW_AFTER, WINDOW_BEFORE
 from saepipe.analyze.page_assets import write_page
-from saepipe.analyze.stats import WINDOW_AFTER, WINDOW_BEFORE
 
 
 class SparseTopN:

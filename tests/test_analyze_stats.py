@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from saepipe.analyze.contexts import WINDOW_AFTER, WINDOW_BEFORE
 from saepipe.analyze.ranking import RANKING_KEYS, rank, scores, token_concentration
-from saepipe.analyze.stats import HIST_EDGES, WINDOW_AFTER, WINDOW_BEFORE, collect_stats
+from saepipe.analyze.stats import HIST_EDGES, collect_stats
 from saepipe.harvest import open_store
 
 HOOK = "blocks.1.hook_resid_post"
@@ -177,7 +178,7 @@ def test_fast_stats_equal_simple_reference_bit_for_bit(tiny_store, encoder, monk
 
 def test_slotted_topk_equals_running_topk_with_ties():
     """Many updates of quantised keys (ties everywhere): same kept entries, same order, same windows."""
-    from saepipe.analyze.stats import RunningTopK, ranked_context_set
+    from saepipe.analyze.contexts import RunningTopK, ranked_context_set
     from saepipe.analyze.stats_fast import DenseCodes, SlottedTopK
 
     g = torch.Generator().manual_seed(1)

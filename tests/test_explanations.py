@@ -22,11 +22,12 @@ import pytest
 import torch
 from helpers import write_relu_sae
 
+from saepipe.analyze.contexts import WINDOW, WINDOW_BEFORE
 from saepipe.analyze.explain import decode_key
 from saepipe.analyze.explanations import explain_and_score, explain_and_score_fast
 from saepipe.analyze.heldout import is_build
 from saepipe.analyze.report import Report
-from saepipe.analyze.stats import WINDOW, WINDOW_BEFORE, collect_stats
+from saepipe.analyze.stats import collect_stats
 from saepipe.cli import main
 from saepipe.harvest import open_store
 from saepipe.harvest.store import StoreWriter
