@@ -1,6 +1,6 @@
 """Fast paths of the statistics pass (saepipe.analyze.stats), equal to its simple references bit for bit.
 
-The simple references (`RunningTopK`, `torch.nonzero(z > 0)`) stay in stats.py; `SAEPIPE_SIMPLE_STATS=1`
+The simple references (`contexts.RunningTopK`, `torch.nonzero(z > 0)` in stats.py) stay; `SAEPIPE_SIMPLE_STATS=1`
 switches back to them, and tests/test_analyze_stats.py checks that both give identical results.
 
 - `active_entries`: the active (row, latent) pairs of a dense latent matrix in row-major order, like
@@ -8,7 +8,7 @@ switches back to them, and tests/test_analyze_stats.py checks that both give ide
   the matrix), then a scan of only the blocks that hold an active entry. An SAE's codes are sparse (tens
   active out of thousands), so most blocks are skipped; a plain `nonzero(z > 0)` costs ~2-4x more on CPU
   at 16k latents (measured), because the comparison and the scan each walk the whole matrix.
-- `SlottedTopK`: the running top-k of stats.py without the per-group full sort. The reference merges by
+- `SlottedTopK`: the running top-k of contexts.py without the per-group full sort. The reference merges by
   two argsorts over all k x latents kept entries plus the candidates, then rebuilds every field, windows
   included ([k, latents, 20] twice per group). Here each latent keeps its k entries in fixed physical slots
   and only a small rank -> slot table moves: a group sorts its candidates once (one int64 key: latent,
@@ -36,7 +36,7 @@ BLOCK = 32
 
 
 def simple_stats() -> bool:
-    """True when `SAEPIPE_SIMPLE_STATS=1`: use the simple references of stats.py instead of these paths."""
+    """True when `SAEPIPE_SIMPLE_STATS=1`: use the simple references (contexts.py, stats.py) instead of these paths."""
     return os.environ.get("SAEPIPE_SIMPLE_STATS", "0") not in ("", "0", "false", "False")
 
 
@@ -152,7 +152,7 @@ class SparseCodes:
 
 
 class SlottedTopK:
-    """Drop-in for stats.RunningTopK: per latent the k entries with the largest keys, in fixed slots."""
+    """Drop-in for contexts.RunningTopK: per latent the k entries with the largest keys, in fixed slots."""
 
     def __init__(self, n_latents: int, k: int, device: torch.device, window: tuple[int, int]):
         self.k = k
