@@ -42,11 +42,11 @@ def _split_links(out: Path, splitting: str | None, report: dict) -> dict:
     """What the pages link to (`page_links`): the split trees of `saepipe families --splitting DIR`, on the
     level that holds the ladder's parents; nothing without DIR or a readable splits.json there."""
     if not splitting:
-        return page_links("", None)
+        return page_links(None, None)
     try:
         splits = json.loads((Path(splitting) / "splits.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return page_links("", None)
+        return page_links(None, None)
     return page_links(
         os.path.relpath(Path(splitting) / "index.html", out), split_level(splits["levels"], report)
     )

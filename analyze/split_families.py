@@ -37,24 +37,19 @@ def read_families(path: str) -> dict:
     return report
 
 
-def split_level(levels: list[dict], families: dict, base: Path = Path()) -> int | None:
-    """The split-tree level a family's ladder parent lives on: the level whose narrow SAE is the families'
-    narrowest ladder SAE (`ladder` holds the parents), else the one whose wide SAE is the families' SAE."""
-
-    def same(a: str, b: str) -> bool:
-        return (base / a).resolve() == (base / b).resolve()
-
-    narrowest = families["ladder"][0]["path"] if families["ladder"] else None
-    for key, want in (("narrow", narrowest), ("wide", families["sae"])):
-        for a, lv in enumerate(levels):
-            if want is not None and same(lv[key], want):
-                return a
-    return None
+def split_level(levels: list[dict], families: dict) -> int | None:
+    """The split-tree level a family's ladder parent lives on: the one whose narrow SAE is the families'
+    narrowest ladder SAE (`ladder` holds the parents); None without a ladder or such a level."""
+    if not families["ladder"]:
+        return None
+    narrowest = Path(families["ladder"][0]["path"]).resolve()
+    return next((a for a, lv in enumerate(levels) if Path(lv["narrow"]).resolve() == narrowest), None)
 
 
-def page_links(href: str, level: int | None) -> dict:
-    """What a family page links to: the split-tree index and the level its parents are on."""
-    return {"splits": None if level is None else {"href": href, "level": level}}
+def page_links(href: str | None, level: int | None) -> dict:
+    """What a family page links to: the split-tree index (the header's link back) and the level its parents
+    are on (each parent's own tree), or nothing."""
+    return {"splits": None if href is None else {"href": href, "level": level}}
 
 
 def write_links(root: Path, links: dict) -> None:

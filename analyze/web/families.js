@@ -46,7 +46,7 @@ const SAEPIPE = (function () {
     const cols = [merged];
     if (f.parent) {
       const sp = S.links.splits;
-      const link = sp ? el("a", { href: sp.href + "#level/" + sp.level + "/parent/" + f.parent.latent, text: "split tree" }) : "";
+      const link = sp && sp.level !== null ? el("a", { href: sp.href + "#level/" + sp.level + "/parent/" + f.parent.latent, text: "split tree" }) : "";
       cols.push(el("div", { class: "latent parent", "data-key": "p/" + f.parent.latent },
         el("h3", { text: "parent " + f.parent.latent }), el("p", { class: "muted" }, "ladder: " + S.d.ladder[0].path + " ", link),
         statTable([["cosine to family direction", num(f.parent.cos)], ["parent mass covered", pct(f.parent_mass_covered)]]),
