@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from saepipe.analyze.families import MergedDecoder
 from saepipe.analyze.family_stats import weight_matrix
 from saepipe.errors import SaepipeError
-from saepipe.files import write_atomic
+from saepipe.files import write_bytes_atomic
 
 FAMILIES_FILE = "families.safetensors"
 MERGED_ARCHITECTURE = {
@@ -119,7 +119,7 @@ def write_merged(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     families = {"family": md.family.astype(np.int64), "weight": md.weight.astype(np.float32)}
-    write_atomic(path / FAMILIES_FILE, lambda tmp: save_file(families, str(tmp)))
+    write_bytes_atomic(path / FAMILIES_FILE, save(families))
     top = {key: cfg[key] for key in ("context_size", "prepend_bos", "dataset_path") if key in cfg}
     own = cfg.get("saepipe") or {}
     saepipe = {"store": own.get("store", []), "merged": {"source": str(Path(wide_path).resolve()), **info}}

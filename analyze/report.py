@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from saepipe.analyze.contexts import WINDOW_AFTER, WINDOW_BEFORE, ContextSet
 from saepipe.analyze.explain import decode_key
@@ -52,7 +52,7 @@ from saepipe.analyze.ranking import RANKING_KEYS, classify, order, peak_tokens, 
 from saepipe.analyze.scoring import Scores
 from saepipe.analyze.stats import HIST_EDGES, LatentStats
 from saepipe.errors import SaepipeError
-from saepipe.files import write_atomic, write_text_atomic
+from saepipe.files import write_atomic, write_bytes_atomic, write_text_atomic
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
 HELDOUT_SHOWN = 8
@@ -152,9 +152,8 @@ def write_report(
         "logit_bottom_ids": effects.bottom_ids,
         "logit_bottom_values": effects.bottom_values,
     }
-    write_atomic(
-        out / "arrays.safetensors",
-        lambda p: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(p)),
+    write_bytes_atomic(
+        out / "arrays.safetensors", save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
     )
     text = json.dumps({str(k): v for k, v in vocab.items()}, ensure_ascii=False)
     write_text_atomic(out / "vocab.json", text)

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 from tqdm import tqdm
 
 from saepipe.errors import SaepipeError
-from saepipe.files import check_out_dir, write_atomic
+from saepipe.files import check_out_dir, write_bytes_atomic, write_text_atomic
 from saepipe.harvest.config import RECIPE_FIELDS, SynthConfig
 from saepipe.harvest.store import StoreWriter, n_contexts_for
 from saepipe.harvest.synth_bench import BenchFeatures
@@ -168,8 +168,8 @@ def _write_truth(
     arrays = {k: getattr(features, k) for k in ("directions", "frequencies", "parent", "group")}
     if np.any(features.bias):
         arrays["bias"] = features.bias
-    write_atomic(truth / "features.safetensors", lambda p: save_file(arrays, str(p)))
-    write_atomic(cfg_path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    write_bytes_atomic(truth / "features.safetensors", save(arrays))
+    write_text_atomic(cfg_path, json.dumps(meta, indent=1))
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> SynthResult:
             "value": coo.data.astype(np.float32),
         }
         path = _shard_codes_path(truth, start // shard_contexts)
-        write_atomic(path, lambda p, a=arrays: save_file(a, str(p)))
+        write_bytes_atomic(path, save(arrays))
         tokens = _token_hints(codes).reshape(n_ctx, T)
         acts_store = acts.reshape(n_ctx, T, cfg.d_model).astype(cfg.dtype)
         writer.write_shard(start, tokens, {HOOK: acts_store}, first_pos=0)

@@ -2,7 +2,9 @@
 
 A reader must never see half a file (STYLE principle 5): each file is written under a temporary name
 beside it (`<name>.partial`, zarr's own convention, so a rerun overwrites what a killed run left and the
-cleanups that drop `*.partial` files find it) and renamed into place. `check_out_dir` refuses an unusable
+cleanups that drop `*.partial` files find it) and renamed into place. safetensors' own `save_file` writes
+through a temporary `.tmpXXXXXX` of its own that a kill leaves behind under a fresh name, so tensors are
+serialised to bytes (`safetensors.*.save`) and written with `write_bytes_atomic`. `check_out_dir` refuses an unusable
 `--out` before a stage spends minutes loading a model or reading a store.
 """
 
@@ -24,6 +26,10 @@ def write_atomic(path: str | Path, write: Callable[[Path], Any]) -> Path:
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text_atomic(path: str | Path, text: str, encoding: str | None = None) -> Path:

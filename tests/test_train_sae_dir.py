@@ -142,3 +142,42 @@ def test_load_refuses_a_saelens_name_that_disagrees(tmp_path):
     (path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(SaepipeError, match=r"does not match saepipe\.architecture 'batchtopk'"):
         load_sae(path)
+
+
+_SAVE_LOOP = """
+import sys, torch
+from saepipe.train import save_sae
+from saepipe.train.saes import build_sae
+sae = build_sae("topk", 768, 16384, k=32)
+print("ready", flush=True)
+while True:
+    save_sae(sae, sys.argv[1], "blocks.0.hook_resid_post", "m")
+"""
+
+
+def test_a_save_caught_at_any_moment_leaves_only_its_own_names(tmp_path):
+    """A kill can land anywhere in a save; what it leaves must be the dir's files or `*.partial` ones (which
+    the next save overwrites), never a temporary under a fresh random name that a rerun would keep."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sae"
+    proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        seen: set[str] = set()
+        rng = random.Random(0)
+        for _ in range(40):  # each save takes ~0.1-0.3 s; 40 pauses land inside the weights write many times
+            time.sleep(rng.uniform(0.01, 0.08))
+            proc.send_signal(signal.SIGSTOP)
+            seen |= {p.name for p in out.iterdir()} if out.exists() else set()
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait()
+    allowed = {"sae_weights.safetensors", "cfg.json"}
+    assert "sae_weights.safetensors.partial" in seen, "no pause landed inside a weights write"
+    assert seen - allowed - {n + ".partial" for n in allowed} == set()

@@ -82,10 +82,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from saepipe.errors import SaepipeError
-from saepipe.files import write_atomic, write_text_atomic
+from saepipe.files import write_bytes_atomic, write_text_atomic
 from saepipe.train import token_norm
 from saepipe.train.saes import ARCHITECTURES, SAE, build_sae
 
@@ -221,7 +221,7 @@ def save_sae(
     path.mkdir(parents=True, exist_ok=True)
     cfg = sae_cfg(sae, hook_name, model_name, input_scale, **extra)
     tensors = sae_tensors(sae, input_scale)
-    write_atomic(path / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_bytes_atomic(path / WEIGHTS, save(tensors, metadata={"format": "pt"}))
     write_text_atomic(path / CFG, json.dumps(cfg, indent=2) + "\n")
     return path
 
