@@ -208,3 +208,52 @@ def test_global_variances_match_the_two_pass_formula():
     got = global_variances(a, b)
     for t, v in zip((a, b), got, strict=True):
         torch.testing.assert_close(v, (t - t.mean(0)).pow(2).sum(-1).mean(), rtol=1e-5, atol=1e-6)
+
+
+def reference_controller(l0s: list[float], target: float, rate: float) -> list[float]:
+    """The L0 controller of train/saes/jumprelu.py written out in plain floats: the multiplier after each batch."""
+    import math
+
+    ema = trend = log_m = 0.0
+    out = []
+    for i, l0 in enumerate(l0s):
+        new = l0 if i == 0 else 0.99 * ema + 0.01 * l0
+        trend = 0.0 if i == 0 else 0.95 * trend + 0.05 * (new - ema)
+        ema = new
+        error = ema / target - 1
+        gain = 0.01 if error * trend < 0 and abs(ema - target) < 100 * abs(trend) else 1.0
+        step = rate * gain * math.tanh(10 * abs(error))
+        log_m = max(-math.log(100), min(math.log(100), log_m + math.copysign(step, error) * (error != 0)))
+        out.append(math.exp(log_m))
+    return out
+
+
+def test_l0_controller_matches_its_reference_and_stays_in_range():
+    """Too dense: the multiplier grows (damped while the L0 heads for the target fast enough), never beyond
+    100; too sparse: it falls, never below 1/100."""
+    sae = build_sae("jumprelu", D_IN, WIDTH, hparams={"target_l0": 10.0, "autotune_rate": 0.05})
+    l0s = [40.0] * 50 + [30.0 - 0.2 * i for i in range(100)] + [2.0] * 400 + [10.0] * 5
+    got = []
+    for l0 in l0s:
+        sae.update_state({"l0": torch.tensor(l0, dtype=torch.float64)})
+        got.append(sae.coefficient_multiplier)
+    want = reference_controller(l0s, 10.0, 0.05)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert got[49] > got[0] > 1.0  # too dense: a larger penalty
+    assert max(got) <= 100.0 + 1e-9 and min(got) >= 0.01 - 1e-12
+    assert min(got) == pytest.approx(0.01)  # 400 batches far below the target reach the bound
+
+
+def test_target_l0_is_reached_where_a_fixed_weight_misses_it():
+    """The same JumpReLU settings with a fixed L0 weight settle far from 1.2 active latents; steered, they
+    reach it."""
+    data = Features(seed=5)
+    l0s = {}
+    for target in (None, 1.2):
+        torch.manual_seed(1)
+        hp = {**SETTINGS["jumprelu"]["hparams"], "target_l0": target, "autotune_rate": 0.005}
+        sae = train(build_sae("jumprelu", D_IN, WIDTH, hparams=hp), data, steps=1200)
+        with torch.no_grad():
+            l0s[target] = float((sae.encode(data.batch(4096)) != 0).sum(-1).float().mean())
+    assert abs(l0s[None] - 1.2) > 0.5, l0s
+    assert l0s[1.2] == pytest.approx(1.2, rel=0.15), l0s

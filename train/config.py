@@ -80,8 +80,9 @@ class TrainConfig(StageConfig):
     l0_coefficient: float = Field(1.0, ge=0)
     """jumprelu: weight of the L0 penalty."""
     jumprelu_target_l0: float | None = Field(None, gt=0)
-    """jumprelu: aim the penalty at this L0: l0_coefficient * (L0 / target - 1)^2 (dictionary_learning's
-    form) instead of l0_coefficient * L0, so the L0 settles near the target without tuning the weight."""
+    """jumprelu: steer the L0 to this value: the penalty l0_coefficient * m * L0 has its multiplier m
+    (1/100 .. 100) adjusted every step by an integral controller on the batch L0 (SynthSAEBench's recipe),
+    so the L0 reaches the target without tuning the weight."""
     jumprelu_bandwidth: float = Field(1.0, gt=0)
     """jumprelu: width of the straight-through estimator's kernel, in units of the input's RMS per dimension
     (1 after --normalize; SynthSAEBench's setting)."""

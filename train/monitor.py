@@ -4,7 +4,8 @@ trainer uses, so a SAELens user reads the dashboard without a glossary:
     details/current_learning_rate                          every log line: the learning rate of the step
     <sae>/details/l1_coefficient, <sae>/details/l0_coefficient
                                                            every log line: relu's L1 / jumprelu's L0
-                                                           weight including its warm-up
+                                                           weight including its warm-up (and
+                                                           jumprelu's L0 controller)
     <sae>/model_performance_preservation/ce_loss_score     every --eval-every steps and at the end:
         ... /ce_loss_with_sae, ce_loss_without_sae,          loss recovered and KL of the SAE spliced into
             ce_loss_with_ablation                           the store's model on --eval-contexts held-out
@@ -48,7 +49,8 @@ def details(lr: float, sparsity_scale: float, saes: dict[str, SAE]) -> dict[str,
     for name, sae in saes.items():
         for key, short in SPARSITY_COEFFICIENTS.items():
             if key in sae.hparams:
-                out[f"{name}/details/{short}_coefficient"] = float(sae.hparams[key]) * sparsity_scale
+                weight = float(sae.hparams[key]) * sparsity_scale * sae.coefficient_multiplier
+                out[f"{name}/details/{short}_coefficient"] = weight
     return out
 
 

@@ -157,6 +157,11 @@ class SAE(nn.Module):
         getattr(self, name).copy_(value)
 
     @property
+    def coefficient_multiplier(self) -> float:
+        """Factor the architecture applies to its sparsity coefficient now (JumpReLU's L0 controller)."""
+        return 1.0
+
+    @property
     def active_k(self) -> int | None:
         """k for training selection: the annealed value while the trainer sets one, else k."""
         return self.train_k or self.k
