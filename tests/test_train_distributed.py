@@ -27,7 +27,7 @@ from saepipe.train.config import TrainConfig
 from saepipe.train.loader import ActivationLoader
 from saepipe.train.sae_dir import sae_tensors
 from saepipe.train.step import make_optimizer, sae_step
-from saepipe.train.trainer import b_dec_start, build_saes, lr_at, sparsity_at
+from saepipe.train.trainer import b_dec_start, build_saes, input_rms, lr_at, sparsity_at
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -50,9 +50,9 @@ def _free_port() -> int:
 def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, tmp_path, launch):
     out = tmp_path / "ddp"
     flags = {
-        "stores": [str(tiny_store)], "hook": HOOK, "out": str(out), "arch": ["topk", "relu"],
+        "stores": [str(tiny_store)], "hook": HOOK, "out": str(out), "arch": ["topk", "relu", "jumprelu"],
         "width": [96], "k": [6], "tokens": 64 * 60, "batch_size": 32, "lr": 3e-3, "lr_warmup": 0.1,
-        "sparsity_warmup": 0.2, "buffer_tokens": 300, "b_dec_init": "mean",
+        "sparsity_warmup": 0.2, "buffer_tokens": 300, "b_dec_init": "mean", "jumprelu_target_l0": 3,
         "device": "cuda" if launch.endswith("cuda") else "cpu", "log_every": 20, "checkpoint_every": 25,
     }  # fmt: skip
     argv = []
@@ -83,7 +83,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, 
         )
         for rank in (0, 1)
     ]
-    saes = build_saes(cfg, 64)
+    saes = build_saes(cfg, 64, input_rms(loaders[0]))  # JumpReLU's settings are in the input's RMS units
     b_dec = b_dec_start(cfg, loaders[0])
     opts = {}
     for name, sae in saes.items():
@@ -103,7 +103,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, 
     for name, sae in saes.items():
         got = load_file(str(out / name / "sae_weights.safetensors"))
         want = sae_tensors(sae)
-        start = sae_tensors(build_saes(cfg, 64)[name])
+        start = sae_tensors(build_saes(cfg, 64, input_rms(loaders[0]))[name])
         tol = {"rtol": 1e-3, "atol": 1e-4} if launch.endswith("cuda") else {"rtol": 1e-4, "atol": 1e-5}
         for key, value in want.items():
             np.testing.assert_allclose(got[key], value.numpy(), **tol, err_msg=f"{name}/{key}")
@@ -114,6 +114,12 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(tiny_store, 
         since = load_file(str(out / "checkpoint" / f"{name}.safetensors"))["model.tokens_since_fired"]
         np.testing.assert_array_equal(since, sae.tokens_since_fired.numpy(), err_msg=f"{name}: dead window")
         windows.append(len(set(since.tolist())))
+        if name.startswith("jumprelu"):  # its L0 controller steps on the batch L0 averaged over ranks
+            state = load_file(str(out / "checkpoint" / f"{name}.safetensors"))
+            np.testing.assert_allclose(state["model.log_multiplier"], sae.log_multiplier.numpy(), rtol=1e-9)
+            assert abs(float(sae.log_multiplier)) > 1e-3, (
+                "the controller never moved: the check would be vacuous"
+            )
     assert max(windows) > 2, f"dead windows {windows}: too uniform for their comparison to tell anything"
 
 
