@@ -136,3 +136,35 @@ def test_checkpoint_saves_over_a_stale_old_copy(tmp_path):
     sae = build_sae("topk", 8, 16, k=2)
     checkpoint.save(out, 12, {}, None, {"s": sae}, {"s": make_optimizer(sae, 1e-3)}, StreamPosition())
     assert checkpoint.read_state(out)["step"] == 12 and not (out / "checkpoint.old").exists()
+
+
+def test_an_older_checkpoint_without_new_training_state_resumes(tmp_path):
+    """A JumpReLU checkpoint written before its L0 controller existed has no controller buffers: resuming
+    starts the controller fresh and keeps every weight; a checkpoint missing a weight is refused."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from saepipe.errors import SaepipeError
+    from saepipe.train import checkpoint
+    from saepipe.train.loader import StreamPosition
+    from saepipe.train.saes import build_sae
+    from saepipe.train.step import make_optimizer
+
+    hp = {"target_l0": 3.0}
+    torch.manual_seed(0)
+    sae = build_sae("jumprelu", 8, 16, hparams=hp)
+    sae.log_multiplier.fill_(0.5)
+    out = tmp_path / "run"
+    checkpoint.save(out, 12, {}, None, {"s": sae}, {"s": make_optimizer(sae, 1e-3)}, StreamPosition())
+    path = out / "checkpoint" / "s.safetensors"
+    tensors = load_file(str(path))
+    controller = ("model.l0_ema", "model.l0_trend", "model.log_multiplier", "model.l0_batches")
+    save_file({k: v for k, v in tensors.items() if k not in controller}, str(path))
+    fresh = build_sae("jumprelu", 8, 16, hparams=hp)
+    checkpoint.load(out, {"s": fresh}, {"s": make_optimizer(fresh, 1e-3)}, torch.device("cpu"))
+    torch.testing.assert_close(fresh.W_enc, sae.W_enc, rtol=0, atol=0)
+    assert float(fresh.log_multiplier) == 0.0  # the controller starts over
+    save_file({k: v for k, v in tensors.items() if k != "model.W_enc"}, str(path))
+    with pytest.raises(SaepipeError, match="missing \\['W_enc'\\]"):
+        checkpoint.load(out, {"s": fresh}, {"s": make_optimizer(fresh, 1e-3)}, torch.device("cpu"))

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from saepipe.errors import SaepipeError
 from saepipe.files import write_text_atomic
 from saepipe.train import distributed
 from saepipe.train.loader import StreamPosition
@@ -104,6 +105,18 @@ def read_state(out: Path) -> dict[str, Any]:
     return json.loads((out / DIR / "state.json").read_text())
 
 
+def _restore_model(sae: SAE, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a checkpointed SAE; training state a later saepipe added as a buffer (e.g. JumpReLU's L0
+    controller) starts fresh when an older checkpoint lacks it, while a missing parameter is refused."""
+    missing, unexpected = sae.load_state_dict(tensors, strict=False)
+    lost = [key for key in missing if key in dict(sae.named_parameters())]
+    if lost or unexpected:
+        raise SaepipeError(
+            f"the checkpoint of {name} does not fit this saepipe's {sae.architecture} SAE "
+            f"(missing {lost or 'nothing'}, unexpected {unexpected or 'nothing'}); train into a new --out"
+        )
+
+
 def load(
     out: Path, saes: dict[str, SAE], optimizers: dict[str, torch.optim.Optimizer], device: torch.device
 ) -> Checkpoint:
@@ -113,7 +126,9 @@ def load(
     rank = distributed.rank()
     for name, sae in saes.items():
         tensors = load_file(str(ckpt / f"{name}.safetensors"))
-        sae.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+        _restore_model(
+            sae, name, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, v in tensors.items():
             if key.startswith("opt."):
