@@ -257,3 +257,26 @@ def test_target_l0_is_reached_where_a_fixed_weight_misses_it():
             l0s[target] = float((sae.encode(data.batch(4096)) != 0).sum(-1).float().mean())
     assert abs(l0s[None] - 1.2) > 0.5, l0s
     assert l0s[1.2] == pytest.approx(1.2, rel=0.15), l0s
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_token_warmup_selects_each_tokens_k_then_the_batchs(arch):
+    """With the trainer's warm-up flag a batch-selection SAE keeps exactly each token's k largest
+    pre-activations (TopK's rule); without it, the batch's n * k largest (the reference ranking)."""
+    from saepipe.train.saes.batchtopk import batch_topk_reference
+
+    torch.manual_seed(0)
+    sae = build_sae(arch, D_IN, WIDTH, k=4)
+    pre = torch.randn(64, WIDTH) * torch.linspace(0.2, 3.0, 64)[:, None]  # some tokens far louder
+    sae.token_warmup = True
+    rows, latents = sae.support(pre)
+    want = pre.topk(4, dim=-1).indices.sort(dim=-1).values
+    got = torch.zeros(64, WIDTH, dtype=torch.bool)
+    got[rows, latents] = True
+    assert torch.equal(got.sum(1), torch.full((64,), 4))
+    assert torch.equal(got.nonzero()[:, 1].reshape(64, 4), want)
+    sae.token_warmup = False
+    rows, latents = sae.support(pre)
+    ref_rows, ref_latents = batch_topk_reference(torch.relu(pre), 4)
+    assert torch.equal(rows, ref_rows) and torch.equal(latents, ref_latents)
+    assert torch.bincount(rows, minlength=64).min() == 0  # the quiet tokens lose their latents

@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from saepipe.cli import main
 from saepipe.train.config import TrainConfig
-from saepipe.train.trainer import geometric_median, k_at, lr_at, sparsity_at
+from saepipe.train.trainer import geometric_median, k_at, lr_at, sparsity_at, token_warmup_at
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -128,3 +128,11 @@ def test_matryoshka_settings_reach_only_matryoshka_saes():
     assert specs["matryoshka-w128-k32"]["prefixes"] == [32, 128]
     assert specs["matryoshka-w64-k32"]["selection"] == "token"
     assert "selection" not in specs["topk-w64-k32"] and "prefixes" not in specs["topk-w64-k32"]
+
+
+def test_token_selection_warmup_covers_its_fraction_of_each_budget():
+    cfg = TrainConfig(stores=["s"], hook="h", out="o", token_selection_warmup=0.75)
+    assert [token_warmup_at(s, 100, cfg) for s in range(100)] == [True] * 75 + [False] * 25
+    assert sum(token_warmup_at(s, 8, cfg) for s in range(8)) == 6  # per SAE budget, not the longest one
+    off = TrainConfig(stores=["s"], hook="h", out="o")
+    assert not any(token_warmup_at(s, 100, off) for s in range(100))

@@ -73,6 +73,10 @@ class TrainConfig(StageConfig):
     k_anneal_start x k to k (0: no annealing); a generous k early keeps latents from merging features."""
     k_anneal_start: float = Field(4.0, ge=1)
     """The starting multiple of k when --k-anneal is set."""
+    token_selection_warmup: float = Field(0.0, ge=0, lt=1)
+    """batchtopk, matryoshka with batch selection: fraction of steps that keep each token's k largest (TopK's
+    selection) before the batch's n*k largest. From random weights batch selection collapses on SynthSAEBench
+    (0.00 of the features recovered), yet it keeps the directions TopK finds; 0.75 recovers 0.23 there."""
     sparsity_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of steps over which the L1/L0 coefficient rises linearly from 0 (relu, jumprelu)."""
     l1_coefficient: float = Field(5.0, ge=0)

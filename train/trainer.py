@@ -75,6 +75,11 @@ def k_at(step: int, total: int, cfg: TrainConfig, k: int | None, width: int) -> 
     return min(width, round(k * (cfg.k_anneal_start - (cfg.k_anneal_start - 1) * step / span)))
 
 
+def token_warmup_at(step: int, total: int, cfg: TrainConfig) -> bool:
+    """Whether batch-selection SAEs keep each token's k largest at `step` (the first token_selection_warmup)."""
+    return step < round(cfg.token_selection_warmup * total)
+
+
 def sparsity_at(step: int, total: int, cfg: TrainConfig) -> float:
     warm = round(cfg.sparsity_warmup * total)
     return 1.0 if warm == 0 else min(1.0, (step + 1) / warm)
@@ -217,6 +222,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     continue  # this SAE's budget is spent; the stream goes on for the larger ones
                 lr, scale = lr_at(step, totals[name], cfg, sae.d_sae), sparsity_at(step, totals[name], cfg)
                 sae.train_k = k_at(step, totals[name], cfg, sae.k, sae.d_sae)
+                sae.token_warmup = token_warmup_at(step, totals[name], cfg)
                 with autocast:
                     res = sae_step(sae, optimizers[name], batch.x, lr, scale, n_tokens=global_batch)
                 metrics[name].add(res.out, batch.x, res.fire_counts, res.n_tokens)

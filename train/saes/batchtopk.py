@@ -4,6 +4,9 @@ Training keeps the n * k largest ReLU pre-activations over the whole batch of n 
 average L0 and tokens may use more or fewer latents. Inference cannot depend on the batch, so a single
 threshold is estimated during training: an exponential moving average of the smallest positive kept
 activation per batch; a loaded SAE encodes pre * (pre > threshold). AuxK as in TopK. Unit-norm decoder.
+While the trainer's `token_warmup` flag is set (`--token-selection-warmup`), each token keeps its own k
+largest instead, as TopK does: from random weights batch selection collapses on SynthSAEBench, but started
+from TopK's directions it keeps them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 
 from saepipe.train.saes.base import StepContext, ThresholdSAE
 from saepipe.train.saes.sparse import dense_mode
-from saepipe.train.saes.topk import auxk_loss
+from saepipe.train.saes.topk import auxk_loss, rows_of
 
 
 def batch_topk_support(
@@ -59,6 +62,8 @@ class BatchTopKSAE(ThresholdSAE):
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.token_warmup:  # --token-selection-warmup: TopK's selection first
+            return rows_of(pre.topk(self.active_k, dim=-1, sorted=False).indices)
         return batch_topk_support(torch.relu(pre), self.active_k)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
