@@ -280,3 +280,43 @@ def test_token_warmup_selects_each_tokens_k_then_the_batchs(arch):
     ref_rows, ref_latents = batch_topk_reference(torch.relu(pre), 4)
     assert torch.equal(rows, ref_rows) and torch.equal(latents, ref_latents)
     assert torch.bincount(rows, minlength=64).min() == 0  # the quiet tokens lose their latents
+
+
+def test_jumprelu_warmup_selects_per_token_and_parks_thresholds_at_the_cut():
+    """In the warm-up JumpReLU keeps each token's round(target_l0) largest pre-activations as plain ReLU values
+    (no L0 penalty), and its thresholds sit at the EMA of the batch cut that gives L0 k: started there, the
+    threshold code keeps k latents per token on average."""
+    torch.manual_seed(0)
+    sae = build_sae("jumprelu", D_IN, WIDTH, hparams={"target_l0": 3.0})
+    sae.token_warmup = True
+    data = Features(seed=7)
+    cuts = []
+    for _ in range(3):
+        out = sae.train_forward(data.batch(512))
+        assert float(out.terms["l0"]) == 0.0
+        assert int(out.fire_counts.sum()) <= 512 * 3  # at most k per token (a ReLU may zero a few)
+        stats = out.state_stats
+        cuts.append(float(stats["cut"]))
+        sae.update_state(stats)
+    want = cuts[0]
+    for c in cuts[1:]:
+        want = 0.99 * want + 0.01 * c
+    torch.testing.assert_close(sae.threshold, torch.full((WIDTH,), want), rtol=1e-5, atol=0)
+    x = data.batch(4096)
+    with torch.no_grad():
+        rows, _ = sae.support(sae.pre_acts(x))
+    assert torch.equal(torch.bincount(rows, minlength=4096), torch.full((4096,), 3))
+    sae.token_warmup = False
+    with torch.no_grad():
+        l0 = float((sae.encode(x) > 0).sum(-1).float().mean())
+    assert 2.0 < l0 < 4.5, l0  # the parked thresholds give about k latents per token
+
+
+def test_jumprelu_warmup_needs_a_target_l0():
+    from saepipe.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="give --jumprelu-target-l0"):
+        TrainConfig(stores=["s"], hook="h", out="o", arch=["jumprelu"], token_selection_warmup=0.5)
+    TrainConfig(
+        stores=["s"], hook="h", out="o", arch=["topk"], token_selection_warmup=0.5
+    )  # no jumprelu: fine

@@ -74,9 +74,10 @@ class TrainConfig(StageConfig):
     k_anneal_start: float = Field(4.0, ge=1)
     """The starting multiple of k when --k-anneal is set."""
     token_selection_warmup: float = Field(0.0, ge=0, lt=1)
-    """batchtopk, matryoshka with batch selection: fraction of steps that keep each token's k largest (TopK's
-    selection) before the batch's n*k largest. From random weights batch selection collapses on SynthSAEBench
-    (0.00 of the features recovered), yet it keeps the directions TopK finds; 0.75 recovers 0.23 there."""
+    """batchtopk, matryoshka with batch selection, jumprelu: fraction of steps that keep each token's k largest
+    (TopK's selection; jumprelu's k is --jumprelu-target-l0, its L0 penalty off) before the batch's n*k
+    largest or jumprelu's thresholds (which start at the cut that gives that L0). From random weights both
+    fail on SynthSAEBench (0.00 of the features recovered), yet keep the directions TopK finds."""
     sparsity_warmup: float = Field(0.05, ge=0, le=1)
     """Fraction of steps over which the L1/L0 coefficient rises linearly from 0 (relu, jumprelu)."""
     l1_coefficient: float = Field(5.0, ge=0)
@@ -195,6 +196,12 @@ class TrainConfig(StageConfig):
             raise ValueError("an SAE is named twice; repeat --arch/--width/--k/--seed values only once")
         if self.normalize and self.token_norm:
             raise ValueError("--normalize and --token-norm exclude each other; choose one")
+        jumprelu = any("jumprelu" in grid["arch"] for grid in self.grids())
+        if self.token_selection_warmup and jumprelu and self.jumprelu_target_l0 is None:
+            raise ValueError(
+                "--token-selection-warmup with jumprelu keeps each token's k = --jumprelu-target-l0 largest; "
+                "give --jumprelu-target-l0"
+            )
         return self
 
     @field_serializer("seed")

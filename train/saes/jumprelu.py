@@ -14,6 +14,11 @@ batch L0, and by 1/100 while the L0 already heads for the target fast enough to 
 Why: a fixed weight gives whatever L0 the data and width make of it (32 for a target of 11 at weight 1 on
 SynthSAEBench), and a quadratic pull towards the target settles where its slope balances the
 reconstruction's, not at the target; the controller makes the target L0 the L0.
+
+While the trainer's `token_warmup` flag is set (`--token-selection-warmup`), each token keeps its
+k = round(target_l0) largest ReLU pre-activations (TopK's rule), with no L0 penalty, and every threshold
+waits at an EMA of the batch's (n*k)-th largest pre-activation (the one cut that gives L0 k). Why: from
+random weights JumpReLU finds no SynthSAEBench feature, but started from TopK's directions it keeps them.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from saepipe.train.saes.base import StepContext, ThresholdSAE
+from saepipe.train.saes.topk import rows_of
 
 LOG_MULTIPLIER_RANGE = math.log(100.0)
 """The controller keeps m within [1/100, 100] of `l0_coefficient`."""
@@ -89,6 +95,8 @@ class JumpReLUSAE(ThresholdSAE):
         for name in ("l0_ema", "l0_trend", "log_multiplier"):
             self.register_buffer(name, torch.zeros((), dtype=torch.float64))
         self.register_buffer("l0_batches", torch.zeros((), dtype=torch.int64))
+        # The warm-up's EMA of the batch cut that gives L0 k (0: no warm-up batch seen yet).
+        self.register_buffer("warmup_cut", torch.zeros((), dtype=torch.float64))
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -100,12 +108,20 @@ class JumpReLUSAE(ThresholdSAE):
         else:
             super().set_tensor(name, value)
 
+    @property
+    def warmup_k(self) -> int:
+        return max(1, round(self.hparams["target_l0"]))
+
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.token_warmup:
+            return rows_of(pre.topk(self.warmup_k, dim=-1, sorted=False).indices)
         lowest = self.threshold.detach() - self.hparams["bandwidth"] / 2
         rows, latents = (pre > lowest).nonzero(as_tuple=True)
         return rows, latents
 
     def activation(self, pre_values: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        if self.token_warmup:
+            return torch.relu(pre_values)
         return _JumpReLU.apply(pre_values, self.threshold[latents], self.hparams["bandwidth"])
 
     @property
@@ -113,6 +129,8 @@ class JumpReLUSAE(ThresholdSAE):
         return float(self.log_multiplier.exp()) if self.hparams.get("target_l0") else 1.0
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if self.token_warmup:
+            return {"l0": ctx.x.new_zeros(())}
         theta = self.threshold[ctx.code.latents]
         l0 = _Step.apply(ctx.pre_values, theta, self.hparams["bandwidth"]).sum() / ctx.code.n_tokens
         weight = self.hparams["l0_coefficient"] * ctx.sparsity_scale
@@ -121,12 +139,23 @@ class JumpReLUSAE(ThresholdSAE):
         return {"l0": weight * l0}
 
     def batch_stats(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if self.token_warmup:
+            kept = torch.relu(ctx.pre).reshape(-1).topk(ctx.pre.shape[0] * self.warmup_k, sorted=False).values
+            return {"cut": kept.min().double()}
         fired = (ctx.code.values.detach() > 0).sum()
         return {"l0": fired.double() / ctx.code.n_tokens} if self.hparams.get("target_l0") else {}
 
     @torch.no_grad()
     def update_state(self, stats: dict[str, torch.Tensor]) -> None:
-        """One controller step on the (rank-averaged) batch L0; tensor ops only, so a GPU never waits."""
+        """One controller step on the (rank-averaged) batch L0, or in the warm-up one step of the thresholds'
+        starting cut; tensor ops only, so a GPU never waits."""
+        if "cut" in stats:
+            cut = stats["cut"].to(self.warmup_cut).clamp_min(1e-6)
+            self.warmup_cut.copy_(
+                torch.where(self.warmup_cut > 0, EMA * self.warmup_cut + (1 - EMA) * cut, cut)
+            )
+            self.log_threshold.data.copy_(self.warmup_cut.log().float().expand_as(self.log_threshold))
+            return
         if "l0" not in stats:
             return
         l0, first = stats["l0"].to(self.l0_ema), self.l0_batches == 0
