@@ -7,8 +7,9 @@ early latents learn general features and later ones refine them. AuxK as in TopK
 `selection` picks the latents: "batch" (the published recipe, default) keeps the n * k largest over the
 batch with BatchTopK's inference threshold; "token" keeps each token's k largest and encodes as TopK at
 inference too (no threshold; SAELens loads it as "topk"). On the SynthSAEBench recipe batch selection
-collapses onto a few hundred latents, in SAELens's BatchTopK as in ours, and token selection does not
-(bench/RESULTS.md, "Recovery vs budget").
+collapses onto a few hundred latents from random weights, in SAELens's BatchTopK as in ours, and token
+selection does not; `--token-selection-warmup` (token selection first) rescues batch selection in part
+(bench/RESULTS.md, "Recovery vs budget" and "JumpReLU's L0 controller ...").
 """
 
 from __future__ import annotations
