@@ -94,7 +94,7 @@ class SAE(nn.Module):
             raise ValueError(f"{self.architecture} has no settings {sorted(unknown)}")
         self.d_in, self.d_sae, self.k = d_in, d_sae, (k if self.uses_k else None)
         self.train_k: int | None = None  # the trainer's annealed k for this step; inference always uses k
-        self.token_warmup = False  # the trainer's flag: select per token this step (batch-selection warm-up)
+        self.token_warmup = False  # the trainer's flag: TopK's selection this step (--token-selection-warmup)
         self.hparams = {**self.default_hparams, **(hparams or {})}
         W_dec = torch.randn(d_sae, d_in)
         W_dec *= self.init_decoder_norm / W_dec.norm(dim=1, keepdim=True)

@@ -17,7 +17,7 @@ import torch
 
 from saepipe.train.saes.base import StepContext, ThresholdSAE
 from saepipe.train.saes.sparse import dense_mode
-from saepipe.train.saes.topk import auxk_loss, rows_of
+from saepipe.train.saes.topk import auxk_loss, token_topk_support
 
 
 def batch_topk_support(
@@ -63,7 +63,7 @@ class BatchTopKSAE(ThresholdSAE):
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.token_warmup:  # --token-selection-warmup: TopK's selection first
-            return rows_of(pre.topk(self.active_k, dim=-1, sorted=False).indices)
+            return token_topk_support(pre, self.active_k)
         return batch_topk_support(torch.relu(pre), self.active_k)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from saepipe.train.saes.base import StepContext, ThresholdSAE
-from saepipe.train.saes.topk import rows_of
+from saepipe.train.saes.topk import token_topk_support
 
 LOG_MULTIPLIER_RANGE = math.log(100.0)
 """The controller keeps m within [1/100, 100] of `l0_coefficient`."""
@@ -114,7 +114,7 @@ class JumpReLUSAE(ThresholdSAE):
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.token_warmup:
-            return rows_of(pre.topk(self.warmup_k, dim=-1, sorted=False).indices)
+            return token_topk_support(pre, self.warmup_k)
         lowest = self.threshold.detach() - self.hparams["bandwidth"] / 2
         rows, latents = (pre > lowest).nonzero(as_tuple=True)
         return rows, latents

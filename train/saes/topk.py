@@ -43,10 +43,15 @@ class TopKSAE(SAE):
         return SparseCode(rows[keep], indices[keep], values[keep], x.shape[0])
 
     def support(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows_of(pre.topk(self.active_k, dim=-1, sorted=False).indices)
+        return token_topk_support(pre, self.active_k)
 
     def extra_losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {"auxk": auxk_loss(self, ctx)}
+
+
+def token_topk_support(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, latents) of each token's k largest pre-activations (TopK's selection)."""
+    return rows_of(pre.topk(k, dim=-1, sorted=False).indices)
 
 
 def rows_of(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
