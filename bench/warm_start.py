@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bench.common import parser
+from saepipe.analyze.recovery import cosine_matrix
 from saepipe.harvest.store import open_store
 from saepipe.harvest.synthetic import open_truth
 from saepipe.train import load_sae
@@ -24,8 +25,8 @@ from saepipe.train.step import make_optimizer, sae_step
 
 
 def recovered(sae, directions: np.ndarray) -> tuple[float, float]:
-    W = sae.W_dec.detach().numpy()
-    best = np.abs((W / np.linalg.norm(W, axis=1, keepdims=True)) @ directions.T).max(0)
+    """Fraction of true features whose best decoder row has |cos| >= 0.9, and the mean best |cos|."""
+    best = np.abs(cosine_matrix(directions, sae.W_dec.detach().numpy())).max(1)
     return float(np.mean(best >= 0.9)), float(best.mean())
 
 
@@ -43,7 +44,6 @@ def main() -> None:
     torch.manual_seed(0)
     truth, base = open_truth(args.truth), load_sae(args.sae)
     scale = float(base.cfg["saepipe"]["input_scale"])
-    directions = truth.directions / np.linalg.norm(truth.directions, axis=1, keepdims=True)
     per_step = max(1, args.batch // truth.context_size)
     n_ctx = open_store(truth.store_path).n_contexts
 
@@ -65,12 +65,12 @@ def main() -> None:
             sae.b_dec.copy_(base.b_dec * scale)
         sae.dead_window = 100_000
         opt = make_optimizer(sae, args.lr)
-        frac, mean = recovered(sae, directions)
+        frac, mean = recovered(sae, truth.directions)
         print(f"{arch}: start recovered {frac:.3f}, mean best |cos| {mean:.3f}", flush=True)
         for step in range(1, args.steps + 1):
             sae_step(sae, opt, batch(step), args.lr)
             if step % 1000 == 0 or step == args.steps:
-                frac, mean = recovered(sae, directions)
+                frac, mean = recovered(sae, truth.directions)
                 print(f"{arch}: step {step} recovered {frac:.3f}, mean best |cos| {mean:.3f}", flush=True)
 
 

@@ -76,7 +76,8 @@ def k_at(step: int, total: int, cfg: TrainConfig, k: int | None, width: int) -> 
 
 
 def token_warmup_at(step: int, total: int, cfg: TrainConfig) -> bool:
-    """Whether batch-selection SAEs keep each token's k largest at `step` (the first token_selection_warmup)."""
+    """Whether batch-selection and JumpReLU SAEs keep each token's k largest at `step` (the first
+    token_selection_warmup of the steps)."""
     return step < round(cfg.token_selection_warmup * total)
 
 
