@@ -5,6 +5,7 @@ On the SynthSAEBench recipe a child is scaled by its parent's value and most inn
 a child, so the vector a tree adds to a token (its active root-to-leaf path) is, up to small noise in the
 magnitude ratios, a fixed direction times the root's value. This measures, on a synthetic set's truth:
 - the L0 the hierarchy takes per token in the true code, and in a path code (one latent per active tree);
+- how often an inner node fires without any child (so that its own direction shows alone), by depth;
 - the variance a path code cannot explain: per path (grouped by its deepest active node), what the best
   single direction (the top singular vector of the path's vectors) leaves, as a fraction of the data's
   variance, i.e. the FVU a perfect path code pays for that L0;
@@ -112,6 +113,17 @@ def main() -> None:
     )
     print(f"the trees' L0 per token: {tree_l0:.2f} in the true code, {path_l0:.2f} with one latent per path")
     print(f"{len(np.unique(deepest))} paths seen; one direction per path leaves {fvu:.4f} of the variance")
+    depth, _ = depth_and_root(truth.parent)
+    inner = np.isin(np.arange(len(depth)), truth.parent)
+    alone = [
+        np.isin(deepest, np.flatnonzero(inner & (depth == d))).sum()
+        / max((codes[:, np.flatnonzero(inner & (depth == d))] != 0).sum(), 1)
+        for d in range(int(depth[inner].max()) + 1)
+    ]
+    print(
+        "inner nodes firing without a child, by depth: "
+        + ", ".join(f"{d} {a:.2%}" for d, a in enumerate(alone))
+    )
     figures = f"trees' L0 {tree_l0:.2f} true vs {path_l0:.2f} path code; path code FVU {fvu:.4f}"
     tree_dirs = directions[in_tree]
     for path in args.sae:
