@@ -33,7 +33,7 @@ from saepipe.harvest.corpus import shard_tokens
 from saepipe.harvest.devices import RankInfo
 from saepipe.harvest.lease import Lease
 from saepipe.harvest.overlap import Behind, ahead
-from saepipe.harvest.store import StoreWriter, shard_stats
+from saepipe.harvest.store import StoreWriter, open_store, shard_stats, store_exists
 
 PENDING = ".pending"
 
@@ -121,12 +121,14 @@ def write_ranked(
     job = _job_id()
     markers = Markers(out)
     if ranks.rank > 0:
-        _wait_for_go(markers, job, ranks.rank, cfg.rank_timeout)
-    writer = StoreWriter(out, settings, owner=ranks.rank == 0, lease=lease)
+        _wait_for_go(markers, job, ranks.rank, cfg.rank_timeout, out)
+    writer = StoreWriter(out, settings, owner=ranks.rank == 0, lease=lease)  # refuses other settings
+    if writer.complete:  # nothing to write: no go-ahead (the other ranks see the store complete)
+        if ranks.rank == 0:
+            markers.clear()  # a go-ahead an earlier launch left
+        return RankedRun(writer.n_contexts, 0, 0.0, already_complete=True)
     if ranks.rank == 0:
         markers.put_go(job)
-    if writer.complete:
-        return RankedRun(writer.n_contexts, 0, 0.0, already_complete=True)
     target, per, T = writer.settings["n_contexts_target"], writer.shard_contexts, cfg.context_size
     first_pos = 1 if cfg.prepend_bos else 0
     bar = tqdm(total=target * T, initial=writer.n_contexts * T, unit="tok", unit_scale=True, desc="harvest",
@@ -212,10 +214,12 @@ def _job_id() -> str:
     return env.get("TORCHELASTIC_RUN_ID") or f"{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
 
 
-def _wait_for_go(markers: Markers, job: str, rank: int, timeout: float) -> None:
-    """Non-zero ranks start writing only after rank 0 has opened (or created) the store under its lease."""
+def _wait_for_go(markers: Markers, job: str, rank: int, timeout: float, out: str) -> None:
+    """Non-zero ranks start writing only after rank 0 has opened (or created) the store under its lease,
+    or go on at once to a store that is already complete (rank 0 gives no go-ahead for one: it may have
+    found it so while waiting for another harvester's lease)."""
     start = time.monotonic()
-    while markers.go() != job:
+    while markers.go() != job and not (store_exists(out) and open_store(out, allow_incomplete=True).complete):
         if time.monotonic() - start > timeout:
             raise SaepipeError(
                 f"harvest rank {rank}: rank 0 gave no go-ahead in {timeout:g}s (it opens the store under its "
