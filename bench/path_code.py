@@ -57,10 +57,9 @@ def tree_vectors(codes: sp.csr_matrix, directions: np.ndarray, parent: np.ndarra
             for top in range(int(depth.max()) + 1)
         ]
     )
-    deepest = np.full(len(uniq), -1, dtype=np.int64)
-    order = np.lexsort((depth[cols], group))  # within a group, deepest last
-    deepest[group[order]] = cols[order]
-    return vectors, deepest, in_tree
+    order = np.lexsort((depth[cols], group))  # by group, and within a group the deepest last
+    last = np.flatnonzero(np.append(np.diff(group[order]) != 0, len(order) > 0))
+    return vectors, cols[order][last], in_tree
 
 
 def top_direction(vectors: np.ndarray) -> np.ndarray:
@@ -100,7 +99,7 @@ def main() -> None:
     x = codes @ directions
     variance = float(((x - x.mean(0)) ** 2).sum())
     vectors, deepest, in_tree = tree_vectors(codes, directions, truth.parent)
-    if not len(vectors):
+    if not vectors.shape[1]:
         raise SystemExit(f"{args.truth}: no hierarchy; use a `--recipe synthsaebench` set")
     paths, residual = path_directions(vectors, deepest)  # paths seen with only a root are kept too
     n_tokens = codes.shape[0]
