@@ -115,12 +115,12 @@ def synthetic_store(tokens: int, d_model: int = 576, dtype: str = "float16") -> 
     activations have d_model's width and the store's real layout (128-token contexts, 32-context chunks).
     """
     from saepipe.harvest.config import SynthConfig
-    from saepipe.harvest.store import open_store, store_exists
+    from saepipe.harvest.store import store_complete
     from saepipe.harvest.synthetic import generate
 
     out = WORK / f"synth-{tokens}-{d_model}-{dtype}"
     store = out / "store"
-    if not (store_exists(str(store)) and open_store(str(store), allow_incomplete=True).complete):
+    if not store_complete(str(store)):
         cfg = SynthConfig(out=str(out), d_model=d_model, n_features=2 * d_model, tokens=tokens, dtype=dtype)
         generate(cfg, progress=False)
     return str(store)
@@ -130,10 +130,10 @@ def harvested_store(tokens: int, hook: str, device: str) -> str:
     """Path of a store harvested from the default model (`saepipe harvest`), built once and reused."""
     from saepipe.harvest.config import HarvestConfig
     from saepipe.harvest.harvester import harvest
-    from saepipe.harvest.store import open_store, store_exists
+    from saepipe.harvest.store import store_complete
 
     out = WORK / f"harvest-{tokens}-{hook}"
-    if not (store_exists(str(out)) and open_store(str(out), allow_incomplete=True).complete):
+    if not store_complete(str(out)):
         harvest(HarvestConfig(out=str(out), hooks=[hook], tokens=tokens, device=device), progress=False)
     return str(out)
 
@@ -145,9 +145,9 @@ def slice_store(src: str, dst: str, start: int, stop: int) -> str:
     deterministic), so a big harvest yields the smaller stores of a store-size curve; any other slice
     records `slice: [start, stop]` in its dataset settings, since its contexts do not start the dataset.
     """
-    from saepipe.harvest.store import StoreWriter, open_store, store_exists
+    from saepipe.harvest.store import StoreWriter, open_store, store_complete
 
-    if store_exists(dst) and open_store(dst, allow_incomplete=True).complete:
+    if store_complete(dst):
         return dst
     s = open_store(src)
     stop = min(stop, s.n_contexts)

@@ -25,7 +25,7 @@ import numpy as np
 
 from saepipe.errors import SaepipeError
 from saepipe.harvest.models import saepipe_home
-from saepipe.harvest.store import ACTS, _open_group, from_stored, open_store, store_exists
+from saepipe.harvest.store import ACTS, _open_group, from_stored, open_store, store_complete, store_exists
 
 _ENTRY = re.compile(r"[0-9a-f]{20}-[0-9]+")
 
@@ -64,7 +64,7 @@ def locate(root: str, settings: dict[str, Any]) -> str:
     sizes = sorted(int(e.rsplit("-", 1)[1]) for e in _entries(root) if e.rsplit("-", 1)[0] == key)
     for n in sizes:
         url = _join(root, "stores", f"{key}-{n}")
-        if n >= want and store_exists(url) and open_store(url, allow_incomplete=True).complete:
+        if n >= want and store_complete(url):
             return url
     return _join(root, "stores", f"{key}-{want}")
 

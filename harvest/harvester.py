@@ -35,7 +35,14 @@ from saepipe.harvest.lease import Lease, LeaseHeld
 from saepipe.harvest.models import LoadedModel, load_model
 from saepipe.harvest.overlap import Behind, ahead
 from saepipe.harvest.ranks import write_ranked
-from saepipe.harvest.store import StoreWriter, _is_url, n_contexts_for, open_store, store_exists
+from saepipe.harvest.store import (
+    StoreWriter,
+    _is_url,
+    n_contexts_for,
+    open_store,
+    store_complete,
+    store_exists,
+)
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
             if not said:
                 print(f"another harvester ({held}) is writing {out}; waiting for it", file=sys.stderr)
                 said = True
-            if store_exists(out) and open_store(out, allow_incomplete=True).complete:
+            if store_complete(out):
                 StoreWriter(out, settings)  # refuses a store with other settings, like any rerun
                 n = open_store(out).n_contexts
                 return HarvestResult(out, n, n * cfg.context_size, 0, 0.0, True)

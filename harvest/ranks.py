@@ -33,7 +33,7 @@ from saepipe.harvest.corpus import shard_tokens
 from saepipe.harvest.devices import RankInfo
 from saepipe.harvest.lease import Lease
 from saepipe.harvest.overlap import Behind, ahead
-from saepipe.harvest.store import StoreWriter, open_store, shard_stats, store_exists
+from saepipe.harvest.store import StoreWriter, shard_stats, store_complete
 
 PENDING = ".pending"
 
@@ -219,7 +219,7 @@ def _wait_for_go(markers: Markers, job: str, rank: int, timeout: float, out: str
     or go on at once to a store that is already complete (rank 0 gives no go-ahead for one: it may have
     found it so while waiting for another harvester's lease)."""
     start = time.monotonic()
-    while markers.go() != job and not (store_exists(out) and open_store(out, allow_incomplete=True).complete):
+    while markers.go() != job and not store_complete(out):
         if time.monotonic() - start > timeout:
             raise SaepipeError(
                 f"harvest rank {rank}: rank 0 gave no go-ahead in {timeout:g}s (it opens the store under its "

@@ -55,7 +55,7 @@ from saepipe.harvest.store_format import (
     store_exists,
     to_stored,
 )
-from saepipe.harvest.store_reader import ActivationStore, HookStats, open_store
+from saepipe.harvest.store_reader import ActivationStore, HookStats, open_store, store_complete
 from saepipe.harvest.store_writer import StoreWriter, shard_stats
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "schema_version",
     "shard_key",
     "shard_stats",
+    "store_complete",
     "store_exists",
     "to_stored",
 ]

@@ -20,6 +20,7 @@ from saepipe.harvest.store_format import (
     _open_group,
     from_stored,
     shard_key,
+    store_exists,
 )
 from saepipe.harvest.store_settings import StoreSettings
 
@@ -239,3 +240,11 @@ def open_store(
 ) -> ActivationStore:
     """Open a store for reading; refuses an incomplete store unless `allow_incomplete`."""
     return ActivationStore(path, storage_options, allow_incomplete)
+
+
+def store_complete(path: str, storage_options: dict | None = None) -> bool:
+    """Whether a store exists at `path` and holds every context it was made for."""
+    return (
+        store_exists(path, storage_options)
+        and open_store(path, storage_options, allow_incomplete=True).complete
+    )
