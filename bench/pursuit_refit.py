@@ -1,11 +1,11 @@
-"""Pursuit refit of a trained TopK SAE (train/pursuit.py): how far does the amortisation gap hold it back?
+"""Pursuit refit (`saepipe refit`) on a synthetic set: how much of the true features does the amortisation
+gap of a one-layer encoder hide?
 
-Reads the first `--tokens` tokens of the SAE's store, alternates orthogonal-matching-pursuit codes (the SAE's
-k per token) with a least-squares decoder `--iterations` times starting from the SAE's decoder, then fits a
-TopK encoder to the new decoder (`--encoder-steps` Adam steps of 256 tokens) and writes the result to
-`--out` as an ordinary SAE dir (cfg.json gains `saepipe.pursuit_refit`; decoder rows unit norm). It prints
-each iteration's FVU under pursuit codes and, with `--truth`, the fraction of true features whose best
-decoder row has |cos| >= 0.9 (score the written dir with `saepipe recovery` for the full table):
+Runs `saepipe refit` on `--sae` (its other flags pass through) and prints, for the SAE and its refit, the
+fraction of true features whose best decoder row has |cos| >= 0.9, by the hierarchy's depth (roots, levels
+1-3) and for the features outside it, plus the share of root-to-node paths (a node with all its ancestors,
+magnitudes at their means) that some decoder row matches at |cos| >= 0.9: the prefix latents absorption
+leaves. Score the written dir with `saepipe recovery` for the full table:
 
     python -m bench.pursuit_refit --sae RUN/topk-w2048-k11 --truth SYNTH_DIR --out RUN/topk-w2048-k11-refit
     saepipe recovery --sae RUN/topk-w2048-k11-refit --truth SYNTH_DIR --max-tokens 262144 --out refit.json
@@ -13,139 +13,72 @@ decoder row has |cos| >= 0.9 (score the written dir with `saepipe recovery` for 
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
+import time
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
 from bench.common import parser, record
 from saepipe.analyze.recovery import cosine_matrix
-from saepipe.errors import SaepipeError
-from saepipe.harvest.store import open_store
 from saepipe.harvest.synthetic import open_truth
 from saepipe.train import load_sae
-from saepipe.train.pursuit import fit_encoder, omp, refit_decoder
-from saepipe.train.sae_dir import CFG, WEIGHTS, SAERecord
+from saepipe.train.refit import RefitConfig, run
 
 
-def recovered(W: torch.Tensor, directions: np.ndarray | None) -> str:
-    if directions is None:
-        return ""
-    best = np.abs(cosine_matrix(directions, W.numpy())).max(1)
-    return f", recovered {np.mean(best >= 0.9):.3f} (mean best |cos| {best.mean():.3f})"
+def depth_of(parent: np.ndarray) -> np.ndarray:
+    depth = np.zeros(len(parent), dtype=np.int64)
+    for i in np.flatnonzero(parent >= 0):  # parents precede their children
+        depth[i] = depth[parent[i]] + 1
+    return depth
+
+
+def prefix_directions(directions: np.ndarray, parent: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """[n, d] unit vectors: each feature's direction plus its ancestors', each at its mean magnitude."""
+    out = directions * mean[:, None]
+    for i in np.flatnonzero(parent >= 0):  # breadth-first: the parent's row is complete already
+        out[i] += out[parent[i]]
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def profile(W: np.ndarray, truth, mean: np.ndarray) -> dict[str, float]:
+    """Recovered fraction overall, by depth, outside the tree, and of root-to-node paths."""
+    parent = truth.parent
+    in_tree = (parent >= 0) | np.isin(np.arange(len(parent)), parent)
+    depth = depth_of(parent)
+    ok = np.abs(cosine_matrix(truth.directions, W)).max(1) >= 0.9
+    paths = cosine_matrix(prefix_directions(truth.directions, parent, mean), W).max(1) >= 0.9
+    out = {"all": ok.mean(), "outside the tree": ok[~in_tree].mean()}
+    for level in range(int(depth.max()) + 1 if in_tree.any() else 0):
+        at = in_tree & (depth == level)
+        out[f"depth {level}"] = ok[at].mean()
+        out[f"paths to depth {level}"] = paths[at].mean()
+    return {k: float(v) for k, v in out.items()}
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument(
-        "--sae",
-        required=True,
-        help="a trained SAE dir with TopK inference (topk, token-selection matryoshka)",
-    )
+    p.add_argument("--sae", required=True, help="a trained TopK SAE dir")
+    p.add_argument("--truth", required=True, help="the `saepipe synth --out` it was trained on")
     p.add_argument("--out", required=True, help="the refit SAE dir to write")
-    p.add_argument("--store", help="default: the SAE's training store")
-    p.add_argument("--truth", help="a `saepipe synth --out` dir: print recovery at each iteration")
-    p.add_argument("--tokens", type=int, default=131072, help="tokens from the store's start")
+    p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--encoder-steps", type=int, default=4000)
-    p.add_argument("--encoder-lr", type=float, default=3e-3)
+    p.add_argument("--mean-magnitudes", type=float, nargs=2, default=(5.0, 4.0),
+                   help="the recipe's mean magnitudes, most to least frequent (synthsaebench: 5 4)")  # fmt: skip
     args = p.parse_args()
-    torch.manual_seed(0)
-    sae = load_sae(args.sae)
-    if sae.cfg["architecture"] != "topk" or sae.cfg.get("normalize_activations", "none") != "none":
-        raise SaepipeError(
-            f"{args.sae} does not encode by TopK on raw inputs; give a topk (or token-selection matryoshka) SAE dir"
-        )
-    record_ = SAERecord.of(sae)
-    store = open_store(args.store or record_.store_path)
-    record_.compatible_with(store, args.sae)
-    n_ctx = min(store.n_contexts, -(-args.tokens // store.context_size))
-    x = torch.from_numpy(store.activations(record_.hook_name, 0, n_ctx).astype(np.float32)).reshape(
-        -1, store.d_model
-    )
-    b_dec = sae.b_dec.detach()
-    xc = x - b_dec
-    variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
-    directions = open_truth(args.truth).directions if args.truth else None
-    batches = lambda: (xc[s : s + 16384] for s in range(0, len(xc), 16384))  # noqa: E731
-
-    with torch.no_grad():
-        W0 = sae.W_dec.detach()
-        print(
-            f"start: {len(xc):,} tokens, width {sae.d_sae}, k {sae.k}{recovered(W0, directions)}", flush=True
-        )
-        W, steps = refit_decoder(batches, W0, sae.k, args.iterations, variance)
-        atoms, values = omp(xc, W, sae.k)
-        final_fvu = (
-            float((xc - torch.einsum("nk,nkd->nd", values, W[atoms])).pow(2).sum(-1).mean()) / variance
-        )
-    for s in steps:
-        print(
-            f"iteration {s.iteration}: pursuit FVU {s.fvu:.4f} with the decoder before it, {s.unused} latents unused"
-        )
-    print(f"refit decoder: pursuit FVU {final_fvu:.4f}{recovered(W, directions)}", flush=True)
-
-    enc, bias = fit_encoder(
-        lambda: xc[torch.randint(0, len(xc), (256,))],
-        W,
-        sae.W_enc.detach(),
-        sae.k,
-        args.encoder_steps,
-        args.encoder_lr,
-    )
-    with torch.no_grad():
-
-        def topk_fvu(W_enc, b_enc, W_dec):
-            v, i = torch.relu(xc @ W_enc + b_enc).topk(sae.k, -1)
-            return float((xc - torch.einsum("nk,nkd->nd", v, W_dec[i])).pow(2).sum(-1).mean()) / variance
-
-        before, after = topk_fvu(sae.W_enc, sae.b_enc, W0), topk_fvu(enc, bias, W)
-    print(f"TopK encode FVU: {before:.4f} with the SAE's encoder and decoder, {after:.4f} refit")
-
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    cfg = dict(sae.cfg)
-    cfg["saepipe"] = {
-        **cfg["saepipe"],
-        "pursuit_refit": {
-            "from": str(args.sae),
-            "tokens": len(xc),
-            "iterations": args.iterations,
-            "pursuit_fvu": [s.fvu for s in steps] + [final_fvu],
-            "encoder_steps": args.encoder_steps,
-            "encoder_lr": args.encoder_lr,
-            "topk_fvu_before": before,
-            "topk_fvu_after": after,
-        },
-    }
-    save_file(
-        {
-            "W_enc": enc.contiguous(),
-            "b_enc": bias.contiguous(),
-            "W_dec": W.contiguous(),
-            "b_dec": b_dec.contiguous(),
-        },
-        out / WEIGHTS,
-        metadata={"format": "pt"},
-    )
-    (out / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
-    print(f"wrote {out}")
-    figures = f"pursuit FVU {steps[0].fvu:.4f} -> {final_fvu:.4f}; TopK FVU {before:.4f} -> {after:.4f}"
-    if directions is not None:
-        figures += f"; {recovered(W0, directions)[2:]} -> {recovered(W, directions)[2:]}"
-    record(
-        args,
-        "pursuit_refit",
-        f"{args.sae}, {len(xc):,} tokens, {args.iterations} iterations",
-        figures,
-        "",
-        "cpu",
-    )
+    truth = open_truth(args.truth)
+    mean = np.linspace(*args.mean_magnitudes, len(truth.parent))
+    t0 = time.perf_counter()
+    run(RefitConfig(sae=args.sae, out=args.out, tokens=args.tokens, iterations=args.iterations,
+                    encoder_steps=args.encoder_steps, device=args.device))  # fmt: skip
+    seconds = time.perf_counter() - t0
+    rows = {name: profile(load_sae(d).W_dec.detach().numpy(), truth, mean) for name, d in [("sae", args.sae), ("refit", args.out)]}  # fmt: skip
+    print(f"{'recovered (|cos| >= 0.9)':<28}" + "".join(f"{n:>10}" for n in rows))
+    for key in rows["sae"]:
+        print(f"{key:<28}" + "".join(f"{r[key]:>10.3f}" for r in rows.values()))
+    print(f"refit: {seconds:.0f} s")
+    figures = "; ".join(f"{k} {rows['sae'][k]:.3f} -> {rows['refit'][k]:.3f}" for k in rows["sae"])
+    record(args, "pursuit_refit", f"{args.sae}, {args.tokens:,} tokens, {args.iterations} iterations, {seconds:.0f} s",
+           figures, f"all x{rows['refit']['all'] / max(rows['sae']['all'], 1e-9):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_the_encoder_fit_learns_to_select_the_right_latents_for_a_fixed_decoder(
         values, atoms = torch.relu(x @ enc + bias).topk(3, dim=-1)
         return float((x - torch.einsum("nk,nkd->nd", values, D[atoms])).pow(2).sum(-1).mean())
 
-    enc, bias = fit_encoder(sample, D, start, 3, steps=1500, lr=1e-2)
+    enc, bias = fit_encoder(sample, D, (start, torch.zeros(48)), 3, steps=1500, lr=1e-2)
     variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
     before, after = error(start, torch.zeros(48)), error(enc, bias)
     assert before > variance  # a random encoder picks the wrong latents

@@ -8,4 +8,9 @@ COMMANDS = {
         "saepipe.train.config:TrainConfig",
         "saepipe.train.cli:run",
     ),
+    "refit": Command(
+        "re-solve a trained TopK SAE's decoder with matching-pursuit codes and write it as a new SAE dir",
+        "saepipe.train.refit:RefitConfig",
+        "saepipe.train.refit:run",
+    ),
 }
