@@ -64,7 +64,9 @@ def test_an_sae_without_topk_inference_is_refused_in_one_line(trained, tmp_path,
     truth_dir, _ = trained
     rng = np.random.default_rng(0)
     W = rng.standard_normal((16, 8)).astype(np.float32)
-    relu = write_relu_sae(tmp_path / "relu", truth_dir / "store", "synthetic", W, np.zeros(8), W.T, np.zeros(16))
+    relu = write_relu_sae(
+        tmp_path / "relu", truth_dir / "store", "synthetic", W, np.zeros(8), W.T, np.zeros(16)
+    )
     line = one_line(["refit", "--sae", str(relu), "--out", str(tmp_path / "out")], capsys)
     assert "does not encode by TopK" in line
     assert not (tmp_path / "out").exists()
