@@ -1,5 +1,6 @@
 """`saepipe refit`: a trained TopK SAE refit with pursuit codes, written as an SAE dir every stage reads."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,25 @@ def test_an_out_dir_holding_something_else_is_refused(trained, tmp_path, capsys)
     line = one_line(["refit", "--sae", str(sae), "--out", str(tmp_path / "out")], capsys)
     assert "is not an SAE dir" in line
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_a_model_store_is_fit_without_its_bos_and_special_positions(tiny_store, tmp_path):
+    from saepipe.harvest.store import open_store
+
+    store = open_store(str(tiny_store))
+    hook = "blocks.1.hook_resid_post"
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((store.d_model, 32)).astype(np.float32)
+    sae = write_relu_sae(tmp_path / "sae", tiny_store, hook, W, np.zeros(32), W.T, np.zeros(store.d_model))
+    cfg = json.loads((sae / "cfg.json").read_text())
+    (sae / "cfg.json").write_text(json.dumps({**cfg, "architecture": "topk", "k": 4}))
+    out = tmp_path / "refit"
+    argv = ["refit", "--sae", str(sae), "--out", str(out), "--tokens", "640", "--iterations", "2",
+            "--encoder-steps", "10"]  # fmt: skip
+    assert main(argv) == 0
+    tokens = store.tokens(0, 640 // store.context_size)
+    kept = np.ones(tokens.shape, dtype=bool)
+    kept[:, : store.info.first_position] = False
+    kept &= ~np.isin(tokens, store.special_token_ids)
+    assert 0 < kept.sum() < tokens.size  # the store has BOS positions to drop
+    assert load_sae(out).cfg["saepipe"]["pursuit_refit"]["tokens"] == int(kept.sum())
