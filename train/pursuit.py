@@ -6,8 +6,9 @@ trained on the encoder's codes bends towards what that encoder can reach: on Syn
 latents mix nearby true directions. Alternating orthogonal matching pursuit (the k atoms that best explain
 each token, values by least squares) with a least-squares decoder is classic dictionary learning started
 from the SAE; it keeps the SAE's width and k and moves its directions towards the true features
-(bench/RESULTS.md, "Pursuit refit"). The refit SAE gets a linear encoder fitted to the pursuit codes, so it
-is an ordinary TopK SAE dir; encoding with `omp` instead gives the codes the decoder was fitted to.
+(bench/RESULTS.md, "Pursuit refit"). `fit_encoder` then trains a TopK encoder for the new decoder, so the
+result is an ordinary TopK SAE dir (train/refit.py); encoding with `omp` instead gives the codes the
+decoder was fitted to.
 """
 
 from __future__ import annotations
