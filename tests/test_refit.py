@@ -54,9 +54,12 @@ def test_refit_dir_is_a_topk_sae_with_its_source_recorded_and_directions_nearer_
     assert mean_best_cos(directions, out) > mean_best_cos(directions, sae)
 
 
-def test_rerun_writes_the_same_bytes(trained, tmp_path):
+def test_rerun_writes_the_same_bytes_even_over_an_interrupted_refit(trained, tmp_path):
     _, sae = trained
     assert refit(sae, tmp_path / "a") == 0
+    # what a refit killed after the weights and before cfg.json leaves: weights (here garbage), no config
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "sae_weights.safetensors").write_bytes(b"half")
     assert refit(sae, tmp_path / "b") == 0
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
 

@@ -31,7 +31,7 @@ class RefitConfig(StageConfig):
     sae: str
     """A trained SAE dir that encodes by TopK on raw inputs (topk, or matryoshka with token selection)."""
     out: str
-    """The refit SAE dir to write (replaced if it is an SAE dir already)."""
+    """The refit SAE dir to write (replaced if it is an SAE dir already, or one an interrupted refit left)."""
     store: str | None = None
     """The activation store to fit on (default: the SAE's training store)."""
     hook: str | None = None
@@ -53,7 +53,8 @@ class RefitConfig(StageConfig):
 
 
 def _not_an_sae_dir(path: Path) -> str | None:
-    if any(path.iterdir()) and not (path / CFG).is_file():
+    """Refuse a directory holding anything but an SAE dir's two files (or what an interrupted refit left)."""
+    if any(p.name not in (CFG, WEIGHTS) and not p.name.startswith(".") for p in path.iterdir()):
         return "is not an SAE dir"
     return None
 
@@ -125,6 +126,7 @@ def run(cfg: RefitConfig) -> int:
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W, "b_dec": b_dec}
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    (out / CFG).unlink(missing_ok=True)  # cfg.json comes last: until then the dir is plainly unfinished
     write_bytes_atomic(out / WEIGHTS, save({k: v.float().cpu().contiguous() for k, v in tensors.items()}))
     write_text_atomic(out / CFG, json.dumps({**sae.cfg, "saepipe": own}, indent=2) + "\n")
     print(f"refit SAE dir written to {out}")
@@ -142,5 +144,8 @@ def pursuit_fvu(xc: torch.Tensor, W: torch.Tensor, k: int, batch: int) -> float:
 
 def topk_fvu(xc: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, W: torch.Tensor, k: int) -> float:
     """Squared error per token of TopK encoding with (W_enc, b_enc) and decoding with W."""
-    values, atoms = torch.relu(xc @ W_enc + b_enc).topk(k, dim=-1)
-    return float((xc - torch.einsum("nk,nkd->nd", values, W[atoms])).pow(2).sum(-1).mean())
+    total = 0.0
+    for x in xc.split(16384):
+        values, atoms = torch.relu(x @ W_enc + b_enc).topk(k, dim=-1)
+        total += float((x - torch.einsum("nk,nkd->nd", values, W[atoms])).pow(2).sum())
+    return total / len(xc)
