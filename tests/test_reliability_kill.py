@@ -170,8 +170,10 @@ def test_analyze_killed_many_times_ends_with_the_same_report(tmp_path, tiny_stor
     seen = set()
     # Three chains, each from nothing: a chain's kills only move forward (every rerun resumes), so one chain
     # whose first kill lands late would never see the early kill points. Each chain ends with a rerun that
-    # must give the reference report byte for byte.
-    for chain in range(3):
+    # must give the reference report byte for byte. Kill times depend on the machine's load, so up to three
+    # more chains run while fewer than four distinct kill points have been seen.
+    chain = 0
+    while chain < 3 or (len(seen) < 4 and chain < 6):
         shutil.rmtree(out, ignore_errors=True)
         landed, attempts = 0, 0
         # A kill that comes too late lets the run finish: keep trying until 7 kills of this chain have landed.
@@ -190,4 +192,5 @@ def test_analyze_killed_many_times_ends_with_the_same_report(tmp_path, tiny_stor
         assert landed >= 7, f"chain {chain}: {landed} of {attempts} kills landed before the run finished"
         run_to_end(argv(out))
         assert tree_digest(out) == tree_digest(ref), f"chain {chain} ended with a different report"
+        chain += 1
     assert len(seen) >= 4, f"kill points not varied: {seen}"
