@@ -43,6 +43,28 @@ def omp(x: torch.Tensor, W: torch.Tensor, k: int, ridge: float = 1e-5) -> tuple[
     return atoms, values.clamp_min(0)
 
 
+def topk_codes(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A TopK encoder's code for a batch of centred inputs, as `omp` gives it: (atoms [n, k], values [n, k])."""
+    values, atoms = torch.relu(x @ W_enc + b_enc).topk(k, dim=-1)
+    return atoms, values
+
+
+def sq_error(x: torch.Tensor, atoms: torch.Tensor, values: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """[n] squared error of decoding each token's (atoms, values) with the rows of W."""
+    return (x - torch.einsum("nk,nkd->nd", values, W[atoms])).pow(2).sum(-1)
+
+
+def mean_sq_error(batches: Iterable[torch.Tensor], W: torch.Tensor, codes: Callable) -> float:
+    """Squared error per token over all batches, each coded by `codes(x)` -> (atoms, values)."""
+    total, n = 0.0, 0
+    for x in batches:
+        total += float(sq_error(x, *codes(x), W).sum())
+        n += len(x)
+    return total / max(n, 1)
+
+
 @dataclass
 class Normal:
     """Normal equations of the decoder least squares, summed over batches: codes'ᵀ codes and codes'ᵀ x."""
@@ -56,7 +78,7 @@ class Normal:
         z = x.new_zeros(len(x), len(W)).scatter_add_(1, atoms, values)
         self.gram += z.T @ z
         self.cross += z.T @ x
-        self.sq_error += float((x - z @ W).pow(2).sum())
+        self.sq_error += float(sq_error(x, atoms, values, W).sum())
         self.tokens += len(x)
 
     def solve(self, W: torch.Tensor) -> torch.Tensor:
@@ -115,8 +137,7 @@ def fit_encoder(
     opt = torch.optim.Adam([enc, bias], lr=lr)
     for _ in range(steps):
         x = sample()
-        values, atoms = torch.relu(x @ enc + bias).topk(k, dim=-1)
-        loss = (x - torch.einsum("nk,nkd->nd", values, W[atoms])).pow(2).sum(-1).mean()
+        loss = sq_error(x, *topk_codes(x, enc, bias, k), W).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
